@@ -1,0 +1,3 @@
+"""fastcifar: a fused-kernel trainer for learning with noisy labels."""
+
+__version__ = "0.1.0"
