@@ -91,6 +91,7 @@ class RunConfig:
     name: str = ""  # run directory name; default: preset and a timestamp
     log_every: int = 0  # steps between progress-bar refreshes; 0 = auto
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke tests, benchmarks)
+    checkpoint_every: int = 5  # epochs between last.pt writes (also after the last epoch)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1 and t.test_batch_size >= 1, "batch sizes must be >= 1"),
-        (0 <= t.freeze_epochs <= t.epochs, "train.freeze_epochs must be in [0, train.epochs]"),
+        (t.freeze_epochs >= 0, "train.freeze_epochs must be >= 0"),
         (t.frozen_chunk >= t.batch_size, "train.frozen_chunk must be >= train.batch_size"),
         (f.threshold > 0, "filter.threshold must be > 0"),
         (0 < f.decay <= 1, "filter.decay must be in (0, 1]"),
@@ -222,7 +223,7 @@ def validate(cfg: Config) -> None:
         (f.start_epoch >= 0, "filter.start_epoch must be >= 0"),
         (o.lr > 0 and o.weight_decay >= 0, "optim.lr must be > 0 and optim.weight_decay >= 0"),
         (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
-        (0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs must be in [0, train.epochs]"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
         (not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0"),
         (cfg.model.num_classes >= 2, "model.num_classes must be >= 2"),
@@ -234,6 +235,7 @@ def validate(cfg: Config) -> None:
         (a.image_size >= 8, "augment.image_size must be >= 8"),
         (len(a.mean) == 3 and len(a.std) == 3 and min(a.std) > 0, "augment.mean/std: 3 values, std > 0"),
         (cfg.run.max_steps_per_epoch >= 0, "run.max_steps_per_epoch must be >= 0"),
+        (cfg.run.checkpoint_every >= 1, "run.checkpoint_every must be >= 1"),
     ]
     problems += [msg for ok, msg in checks if not ok]
     if problems:

@@ -1,0 +1,297 @@
+"""`python -m fastcifar.train`: the paper's schedule end to end, with checkpoints, resume and reports."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import report
+from .console import progress
+from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse_overrides, to_dict
+from .data import open_split, read_meta
+from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .engine import Engine
+from .model import ModelError, build_model, count_parameters, resolve_precision
+from .rundir import RunError, prepare_run_dir, resume_config
+from .schedule import build_schedule
+from .sources import DataError
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message says what happened."""
+
+
+@dataclass
+class Loaders:
+    train: object  # fastcifar.data.SplitLoader, shuffled, drop_last
+    test: object  # in order, every sample
+    score: object  # the training split in order, every sample (filter scoring, reports)
+    num_classes: int
+    num_train: int
+
+
+def open_loaders(cfg: Config, device: torch.device, dist: DistInfo) -> Loaders:
+    data_dir = Path(cfg.data.dir)
+    meta = read_meta(data_dir)
+    if meta["num_classes"] != cfg.model.num_classes:
+        raise ConfigError(f"the data in {data_dir} has {meta['num_classes']} classes but "
+                          f"model.num_classes={cfg.model.num_classes}; set model.num_classes={meta['num_classes']}")
+    common = dict(backend=cfg.data.backend, device=device, seed=cfg.run.seed, distributed=dist.enabled,
+                  num_workers=cfg.data.num_workers)
+    train = open_split(data_dir / "train.beton", batch_size=cfg.train.batch_size, shuffle=True,
+                       drop_last=True, **common)
+    test = open_split(data_dir / "test.beton", batch_size=cfg.train.test_batch_size, shuffle=False,
+                      drop_last=False, **common)
+    score = open_split(data_dir / "train.beton", batch_size=cfg.train.test_batch_size, shuffle=False,
+                       drop_last=False, **common)
+    return Loaders(train, test, score, meta["num_classes"], train.num_samples)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA GPU is visible; use run.device=cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Run:
+    """One training run: the state the loop needs, its checkpoints and its reports."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist: DistInfo, device: torch.device,
+                 loaders: Loaders | None = None):
+        self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.loaders = loaders or open_loaders(cfg, device, dist)
+        self.model = build_model(cfg.model).to(device)
+        self.precision = resolve_precision(cfg.model.amp, device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
+        self.schedule = build_schedule(cfg)
+        self.engine = Engine(cfg, self.model, self.optimizer, self.scaler, self.precision, device, dist,
+                             self.schedule)
+        self.metrics = report.MetricsLog(run_dir)
+        self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
+        self.best_state: dict | None = None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, epoch: int) -> None:
+        """Write best.pt (if it changed) then last.pt; only the main process writes."""
+        if not self.dist.is_main:
+            return
+        ckpt_dir = self.run_dir / "checkpoints"
+        common = {"config": to_dict(self.cfg), "commit": git_commit()}
+        if self.best_state is not None:
+            save_checkpoint(ckpt_dir / "best.pt", {"model": self.best_state, "epoch": self.best_epoch,
+                                                   "val_acc": self.best_acc, **common})
+            self.best_state = None  # on disk now; keep no second copy
+        save_checkpoint(ckpt_dir / "last.pt", {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": epoch, "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch, "rng": rng_state(), **common})
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        if from_dict(state["config"]) != self.cfg:
+            raise CheckpointError("last.pt was written with another configuration than config.yaml")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        if self.dist.is_main:
+            self.metrics.truncate_after(state["epoch"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, started = self.cfg, time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            phase = self.schedule.phase(epoch)
+            subset, epoch_filter = self._epoch_filter(epoch) if phase.filtering and cfg.filter.mode == "epoch" else (None, {})
+            steps = self.loaders.train.num_batches(None if subset is None else len(subset))
+            if cfg.run.max_steps_per_epoch:
+                steps = min(steps, cfg.run.max_steps_per_epoch)
+            with progress(steps, f"epoch {epoch}", enabled=self.dist.is_main) as tick:
+                rec = self.engine.train_epoch(epoch, self.loaders.train.epoch(epoch, subset), steps,
+                                              self.loaders.num_train, batch_filtering=subset is None,
+                                              progress=tick)
+            rec.update(epoch_filter)
+            rec.update(self.engine.evaluate(self.loaders.test.epoch(epoch)))
+            rec.update(epoch=epoch, phase=phase.name, seconds=time.perf_counter() - t0)
+            if rec.get("non_finite") or not math.isfinite(rec["train_loss"]):
+                raise TrainingError(f"the training loss is not finite in epoch {epoch} ({rec.get('non_finite')} "
+                                    f"samples); stopping. The last good checkpoint is in "
+                                    f"{self.run_dir / 'checkpoints'}")
+            if rec["val_acc"] > self.best_acc:
+                self.best_acc, self.best_epoch = rec["val_acc"], epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._log(rec, epoch, started)
+            if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
+                self.save(epoch)
+            barrier(self.dist)
+
+    def _epoch_filter(self, epoch: int):
+        """Score every training sample in eval mode; train this epoch on those under the threshold."""
+        probs, losses = self.engine.score(self.loaders.score.epoch(epoch), self.loaders.num_train,
+                                          self.loaders.num_classes)
+        threshold = self.schedule.threshold(epoch)
+        keep = losses < threshold
+        k = math.ceil(self.cfg.filter.min_kept_fraction * len(losses))
+        guard = int(keep.sum()) < k
+        if guard:  # the kept set would collapse: keep the k lowest losses instead
+            keep = torch.zeros_like(keep)
+            keep[losses.argsort()[:k]] = True
+        arrays = self.loaders.score.arrays()
+        known = arrays["clean_labels"] >= 0
+        out = {"kept_fraction": float(keep.float().mean()), "guard_bound_steps": int(guard),
+               "threshold": threshold}
+        if bool(known.any()):
+            noisy = arrays["labels"] != arrays["clean_labels"]
+            out.update(report.noise_detection((~keep)[known].cpu(), noisy[known].cpu()))
+        return keep.nonzero().flatten().cpu(), out
+
+    def _log(self, rec: dict, epoch: int, started: float) -> None:
+        if not self.dist.is_main:
+            return
+        self.metrics.append(rec)
+        print(report.format_epoch(rec), flush=True)
+        if rec.get("guard_bound_steps"):
+            print(f"  note: the minimum kept fraction ({self.cfg.filter.min_kept_fraction:.0%}) raised the "
+                  f"threshold in {rec['guard_bound_steps']} step(s)", flush=True)
+        if epoch == self.start_epoch:
+            left = (time.perf_counter() - started) * (self.cfg.train.epochs - epoch - 1)
+            print(f"  estimate: about {left / 60:.1f} min for the remaining epochs "
+                  f"(from this first epoch, compile time included)", flush=True)
+
+    # -- the end --------------------------------------------------------------------------------
+    def finish(self, seconds: float) -> dict:
+        """TTA for the final and best models, then summary, predictions, suspects and plots."""
+        tta = self.cfg.train.tta
+        last = self.engine.evaluate(self.loaders.test.epoch(0))
+        last_tta = self.engine.evaluate(self.loaders.test.epoch(0), tta=True) if tta else {}
+        best_path = self.run_dir / "checkpoints" / "best.pt"
+        barrier(self.dist)
+        self.model.load_state_dict(load_checkpoint(best_path)["model"])
+        best = self.engine.evaluate(self.loaders.test.epoch(0))
+        best_tta = self.engine.evaluate(self.loaders.test.epoch(0), tta=True) if tta else {}
+        summary = {
+            "final_acc": last["val_acc"], "final_acc_tta": last_tta.get("val_acc"),
+            "best_acc": best["val_acc"], "best_acc_tta": best_tta.get("val_acc"), "best_epoch": self.best_epoch,
+            "epochs": self.cfg.train.epochs, "total_seconds": seconds, "world_size": self.dist.world_size,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "commit": git_commit(),
+        }
+        self._write_predictions()
+        if self.dist.is_main:
+            report.write_summary(self.run_dir, summary)
+            report.write_plots(self.run_dir, self.metrics.read())
+        return summary
+
+    def _write_predictions(self) -> None:
+        """pred_probs.npy and suspects.csv from the best model on the (unaugmented) training split."""
+        probs, losses = self.engine.score(self.loaders.score.epoch(0), self.loaders.num_train,
+                                          self.loaders.num_classes)
+        if not self.dist.is_main:
+            return
+        arrays = {k: v.cpu() for k, v in self.loaders.score.arrays().items()}
+        order = arrays["indices"].argsort()  # rows of probs are already in index order
+        threshold = self.schedule.threshold(self.cfg.train.epochs - 1)
+        probs, losses = probs.cpu(), losses.cpu()
+        report.write_pred_probs(self.run_dir, probs.numpy())
+        conf, pred = probs.max(1)
+        report.write_suspects(self.run_dir, indices=arrays["indices"][order], labels=arrays["labels"][order],
+                              pred=pred, pred_prob=conf, loss=losses, kept=losses < threshold,
+                              clean_labels=arrays["clean_labels"][order])
+
+
+def startup_lines(run: Run) -> list[str]:
+    cfg, total_params = run.cfg, count_parameters(run.model)[0]
+    phases = ", ".join(f"{p.name} {p.first_epoch}-{p.last_epoch}" for p in run.schedule.phases)
+    amp = str(run.precision.dtype).replace("torch.", "") if run.precision.dtype else "off"
+    device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    return [
+        f"run dir : {run.run_dir}",
+        f"device  : {device} x{run.dist.world_size} | amp {amp} | compile {cfg.model.compile} | commit {git_commit()}",
+        f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
+        f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
+        f"data    : {run.loaders.num_train} train / {run.loaders.test.num_samples} test images, "
+        f"{run.loaders.num_classes} classes, backend {cfg.data.backend}, from {cfg.data.dir}",
+        f"schedule: {cfg.train.epochs} epochs [{phases}], batch {cfg.train.batch_size}, lr {cfg.optim.lr}, "
+        f"threshold {cfg.filter.threshold} x{cfg.filter.decay}/epoch ({cfg.filter.mode} filtering"
+        f"{'' if cfg.filter.enabled else ', off'})",
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastcifar.train", description=__doc__,
+                                epilog="Overrides are dotted section.field=value, e.g. train.epochs=10 "
+                                       "filter.enabled=false run.device=cpu.")
+    p.add_argument("--config", default="paper", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
+    p.add_argument("--data-dir", help="folder with train.beton, test.beton, meta.json (sets data.dir)")
+    p.add_argument("--out", help="the run directory to create (default: runs/<preset>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def run_training(cfg: Config, run_dir: Path, resume: bool = False,
+                 make_loaders: Callable[[torch.device, DistInfo], Loaders] | None = None) -> dict:
+    """Train with `cfg` into `run_dir`; returns the summary (the same in every process).
+
+    `make_loaders` replaces the .beton loaders (synthetic data in benchmarks and the GPU report).
+    """
+    device = resolve_device(cfg.run.device)
+    dist = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        run = Run(cfg, run_dir, dist, device, make_loaders(device, dist) if make_loaders else None)
+        if resume:
+            run.restore()
+        if dist.is_main:
+            print("\n".join(startup_lines(run)) + "\n" + report.epoch_header(), flush=True)
+        started = time.perf_counter()
+        run.train()
+        return run.finish(time.perf_counter() - started)
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.data_dir:
+            overrides["data.dir"] = args.data_dir
+        if args.resume:
+            run_dir, cfg = Path(args.resume), resume_config(Path(args.resume), overrides)
+        else:
+            cfg = build_config(args.config, overrides)
+            run_dir = prepare_run_dir(cfg, args.out, args.config)
+        summary = run_training(cfg, run_dir, resume=bool(args.resume))
+    except (ConfigError, DataError, ModelError, RunError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: best {summary['best_acc']:.4f} (epoch {summary['best_epoch']}), "
+          f"with flip TTA {summary['best_acc_tta'] if summary['best_acc_tta'] is not None else 'n/a'}; "
+          f"results in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
