@@ -69,8 +69,9 @@ def crop_flip_warp(
     """Zero-pad by `padding`, crop back to H x W at `offsets`, mirror where `flip`, then warp.
 
     images: (N, C, H, W) any dtype; offsets: (N, 2) int64 (top, left) in [0, 2*padding];
-    flip: (N,) bool or None; matrices: (N, 2, 3) inverse affine maps as randaugment's
-    (torchvision's nearest warp with fill 0) or None for no warp. Returns (N, C, H, W) contiguous.
+    flip: (N,) bool or None; matrices: (N, 2, 3) float output-to-input maps in pixels about the
+    image centre (torchvision's convention: `randaugment.inverse_affine`), applied as its nearest
+    warp with fill 0, or None for no warp. Returns (N, C, H, W) contiguous.
     """
     n, _, h, w = images.shape
     if matrices is None:

@@ -17,7 +17,7 @@ from .console import progress
 from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse_overrides, to_dict
 from .data import open_split, read_meta
-from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from .engine import Engine
 from .model import ModelError, build_model, count_parameters, resolve_precision
 from .rundir import RunError, prepare_run_dir, resume_config
@@ -282,14 +282,17 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, cfg = Path(args.resume), resume_config(Path(args.resume), overrides)
         else:
             cfg = build_config(args.config, overrides)
-            run_dir = prepare_run_dir(cfg, args.out, args.config)
+            # Under torchrun only rank 0 creates the directory; the others learn its name from it.
+            dist = init_distributed(resolve_device(cfg.run.device).type)
+            run_dir = prepare_run_dir(cfg, args.out, args.config) if dist.is_main else None
+            run_dir = broadcast_object(run_dir, dist)
         summary = run_training(cfg, run_dir, resume=bool(args.resume))
     except (ConfigError, DataError, ModelError, RunError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: best {summary['best_acc']:.4f} (epoch {summary['best_epoch']}), "
-          f"with flip TTA {summary['best_acc_tta'] if summary['best_acc_tta'] is not None else 'n/a'}; "
-          f"results in {run_dir}")
+    tta = summary["best_acc_tta"]
+    print(f"done: best {summary['best_acc']:.4f} (epoch {summary['best_epoch']}), with flip TTA "
+          f"{'n/a' if tta is None else f'{tta:.4f}'}; results in {run_dir}")
     return 0
 
 

@@ -1,7 +1,6 @@
 """The trainer end to end on the digits demo data: phases, filtering, TTA, reports, resume, bad input."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +67,7 @@ def test_run_directory_holds_what_contract_3_says(smoke_run):
                  "checkpoints/last.pt", "checkpoints/best.pt", "plots/accuracy.png", "plots/loss.png",
                  "plots/filtering.png"]:
         assert (run_dir / name).is_file(), name
-    assert [r["epoch"] for r in records] == list(range(6))
+    assert [r["epoch"] for r in records] == list(range(8))
     assert all(CONTRACT_FIELDS <= r.keys() for r in records)
     saved = json.loads((run_dir / "summary.json").read_text())
     for key in ["final_acc", "final_acc_tta", "best_acc", "best_acc_tta", "total_seconds"]:
@@ -81,19 +80,17 @@ def test_backbone_trains_only_after_the_frozen_epochs(smoke_run, digits):
     model = build_model(smoke(digits).model)
     head = sum(p.numel() for p in model.head.parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert trainable[0] == head and all(trainable[e] == total for e in range(1, 6))
-    assert [r["phase"] for r in records] == ["head", "full", "full+filter", "full+filter", "full+filter",
-                                            "full+filter"]
+    assert trainable[0] == head and all(trainable[e] == total for e in range(1, 8))
+    assert [r["phase"] for r in records] == ["head"] + ["full"] * 2 + ["full+filter"] * 5
 
 
 def test_filtering_starts_at_its_epoch_with_the_decaying_threshold(smoke_run):
     _, _, records, _ = smoke_run
-    assert all(r["kept_fraction"] == 1.0 and (r["threshold"] is None or math.isinf(r["threshold"]))
-               for r in records[:2])
-    assert [round(r["threshold"], 6) for r in records[2:]] == [round(1.5 * 0.995 ** k, 6) for k in range(4)]
-    assert all(r["kept_fraction"] < 1.0 for r in records[2:])
-    lrs = [r["lr"] for r in records]
-    assert lrs[0] == pytest.approx(0.05) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(r["kept_fraction"] == 1.0 and r["threshold"] is None for r in records[:3])
+    assert [round(r["threshold"], 6) for r in records[3:]] == [round(2.0 * 0.995 ** k, 6) for k in range(5)]
+    assert all(r["kept_fraction"] < 1.0 for r in records[3:])
+    lrs = [r["lr"] for r in records]  # the last step's lr of each epoch
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 def test_smoke_run_learns_and_the_filter_finds_the_wrong_labels(smoke_run):
@@ -103,8 +100,9 @@ def test_smoke_run_learns_and_the_filter_finds_the_wrong_labels(smoke_run):
           f"kept {last['kept_fraction']:.3f}, noise precision {last['noisy_precision']:.3f}, "
           f"recall {last['noisy_recall']:.3f}; {np.mean([r['seconds'] for r in records]):.1f} s/epoch")
     assert summary["best_acc"] > 0.5  # 10 classes; chance is 0.1
-    # 40% of the labels are wrong: a filter no better than chance would have precision 0.4.
-    assert last["noisy_precision"] > 0.6 and last["noisy_recall"] > 0.3
+    # 40% of the labels are wrong: a filter no better than chance would have precision 0.4 and
+    # recall equal to the dropped fraction (about 0.6 here).
+    assert last["noisy_precision"] > 0.5 and last["noisy_recall"] > 0.75
 
 
 def test_tta_accuracy_is_the_flip_averaged_prediction_of_the_best_model(smoke_run, digits):
@@ -133,9 +131,9 @@ def test_suspects_and_pred_probs_cover_every_training_sample(smoke_run):
     assert probs.shape == (len(rows) - 1, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
     losses = [float(r.split(",")[4]) for r in rows[1:]]
     assert losses == sorted(losses, reverse=True)
-    # The most suspicious samples are mostly truly mislabelled.
+    # The most suspicious samples are mostly truly mislabelled (measured: 100 of the top 100).
     top = [r.split(",") for r in rows[1:101]]
-    assert sum(r[1] != r[6] for r in top) > 60
+    assert sum(r[1] != r[6] for r in top) > 80
 
 
 def run_for_resume(digits, run_dir, stop_after=None):
