@@ -92,6 +92,8 @@ class Engine:
         if key == self._phase_key:
             return
         self._phase_key = key
+        # Drop the previous phase's wrappers: a stale DDP keeps hooks on the parameters.
+        self.train_forward = self.head = self.frozen_features = None
         set_backbone_trainable(self.model, phase.train_backbone)
         compile_mode = self.cfg.model.compile
         ddp_args = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
@@ -120,6 +122,7 @@ class Engine:
         self.guard = self.threshold.clone()
         stats = EpochStats(num_samples, self.device)
         steps = self._frozen_steps(batches, epoch) if not phase.train_backbone else self._full_steps(batches, epoch)
+        lr = self.schedule.lr(epoch, 0, steps_in_epoch)
         for step, (batch, inputs, labels_b, lam) in enumerate(steps):
             if self.cfg.run.max_steps_per_epoch and step >= self.cfg.run.max_steps_per_epoch:
                 break
