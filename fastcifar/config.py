@@ -34,6 +34,7 @@ class ModelConfig:
     dropout: float = 0.5  # in the paper's head, before the linear layer
     channels_last: bool = True
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     amp: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
 
 
@@ -110,6 +111,7 @@ PRESETS = ("paper", "authors", "hires", "smoke")
 _CHOICES = {
     ("data", "backend"): ("ffcv", "memory"),
     ("model", "compile"): ("auto", "on", "off"),
+    ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("model", "amp"): ("auto", "bf16", "fp16", "off"),
     ("augment", "erasing_value"): ("zero", "random"),
     ("filter", "mode"): ("batch", "epoch"),

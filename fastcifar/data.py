@@ -163,7 +163,7 @@ class _FfcvBackend:
 
     def arrays(self) -> dict[str, Tensor]:
         if self._arrays is None:  # read on first use, then kept: callers ask every epoch
-            self._arrays = _MemoryBackend(self.index, self.device)
+            self._arrays = _MemoryBackend(_on_device(self.index, self.device), self.device)
         return self._arrays.arrays()
 
 

@@ -95,16 +95,17 @@ class Engine:
         # Drop the previous phase's wrappers: a stale DDP keeps hooks on the parameters.
         self.train_forward = self.head = self.frozen_features = None
         set_backbone_trainable(self.model, phase.train_backbone)
-        compile_mode = self.cfg.model.compile
+        mc = self.cfg.model
         ddp_args = dict(device_ids=[self.device.index]) if self.device.type == "cuda" else {}
         if phase.train_backbone:
             net = DDP(self.model, **ddp_args) if self.dist.enabled else self.model
-            self.train_forward = maybe_compile(net, compile_mode, self.device)
+            self.train_forward = maybe_compile(net, mc, self.device)
         else:
             # Frozen backbone: features without grad, in big chunks; only the head trains (and syncs).
-            self.frozen_features = maybe_compile(self.model.features, compile_mode, self.device)
-            self.head = DDP(self.model.head, **ddp_args) if self.dist.enabled else self.model.head
-        self.eval_forward = maybe_compile(self.model, compile_mode, self.device)
+            self.frozen_features = maybe_compile(self.model.features, mc, self.device)
+            head = DDP(self.model.head, **ddp_args) if self.dist.enabled else self.model.head
+            self.head = maybe_compile(head, mc, self.device)
+        self.eval_forward = maybe_compile(self.model, mc, self.device)
 
     # -- training -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, batches: Iterable, steps_in_epoch: int, num_samples: int,

@@ -106,7 +106,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype | None  # autocast dtype, None = fp32
-    use_scaler: bool  # fp16 needs loss scaling; bf16 does not
+    use_scaler: bool  # fp16 needs loss scaling (GradScaler, on CUDA and CPU alike); bf16 does not
 
     def autocast(self, device: torch.device):
         if self.dtype is None:
@@ -120,12 +120,12 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "auto":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp == "fp16":
-        return Precision(torch.float16, device.type == "cuda")
+        return Precision(torch.float16, True)
     return Precision(torch.bfloat16, False)
 
 
-def maybe_compile(fn, mode: str, device: torch.device):
-    """torch.compile `fn` when asked ("on") or by default on CUDA ("auto")."""
-    if mode == "on" or (mode == "auto" and device.type == "cuda"):
-        return torch.compile(fn)
+def maybe_compile(fn, cfg: ModelConfig, device: torch.device):
+    """torch.compile `fn` when asked ("on") or by default on CUDA ("auto"), in cfg.compile_mode."""
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return fn

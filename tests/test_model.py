@@ -76,4 +76,5 @@ def test_precision_policy():
     assert resolve_precision("auto", cpu).dtype is None
     assert resolve_precision("bf16", cpu).dtype is torch.bfloat16
     fp16 = resolve_precision("fp16", cpu)
-    assert fp16.dtype is torch.float16 and not fp16.use_scaler  # GradScaler only on CUDA
+    assert fp16.dtype is torch.float16 and fp16.use_scaler
+    assert not resolve_precision("bf16", cpu).use_scaler

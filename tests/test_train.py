@@ -1,6 +1,7 @@
 """The trainer end to end on the digits demo data: phases, filtering, TTA, reports, resume, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,41 @@ def test_min_kept_fraction_guard_binds_and_is_reported(digits, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["guard_bound_steps"] >= 5  # every step after the first of the epoch
     assert records[1]["kept_fraction"] > 0.3  # not collapsed to nothing despite the tiny threshold
+
+
+def test_compiled_training_compiles_once_per_phase_and_never_per_epoch(digits, tmp_path):
+    """The torch.compile path (on by default on CUDA) on the CPU, with timm's tiny test ConvNeXt."""
+    from torch._dynamo.utils import counters
+
+    cfg = smoke(digits, **{"model.name": "test_convnext", "model.compile": "on", "train.epochs": 4,
+                           "filter.start_epoch": 2, "run.max_steps_per_epoch": 3, "train.tta": "false"})
+    new_graphs, original = {}, Engine.train_epoch
+
+    def spy(self, epoch, *args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        out = original(self, epoch, *args, **kwargs)
+        new_graphs[epoch] = counters["stats"]["unique_graphs"] - before
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "train_epoch", spy)
+        summary = train_into(cfg, tmp_path / "compiled")
+    # Frozen: the backbone's features and the head; the unfreeze: the whole model once; then nothing.
+    assert new_graphs == {0: 2, 1: 1, 2: 0, 3: 0}
+    assert 0 <= summary["best_acc"] <= 1
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.amp": "bf16", "data.backend": "ffcv", "augment.image_size": 40},
+    {"model.amp": "fp16", "filter.mode": "epoch", "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,
+     "optim.label_smoothing": 0.1, "optim.nesterov": "true"},
+], ids=["bf16-ffcv-resize", "fp16-scaler-epochfilter-mix"])
+def test_precision_backend_and_authors_options_run_end_to_end(digits, tmp_path, overrides):
+    cfg = smoke(digits, **{"train.epochs": 3, "filter.start_epoch": 2, "run.max_steps_per_epoch": 3,
+                           "train.tta": "false", **overrides})
+    summary = train_into(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) for r in records) and records[-1]["kept_fraction"] < 1.0
+    scaler = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]
+    assert bool(scaler) == (overrides["model.amp"] == "fp16")  # fp16 trains through a GradScaler
+    assert 0 <= summary["best_acc"] <= 1
