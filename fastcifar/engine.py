@@ -84,6 +84,7 @@ class Engine:
         self.in_dtype = torch.float32
         self._phase_key: tuple | None = None
         self.threshold = torch.full((), math.inf, device=device)  # a tensor: no recompiles as it decays
+        self._inf = self.threshold.clone()
 
     # -- phase set-up ---------------------------------------------------------------------------
     def enter_phase(self, phase: Phase) -> None:
@@ -200,7 +201,7 @@ class Engine:
         losses = all_gather_cat(per_sample, self.dist)
         k = max(1, math.ceil(frac * losses.numel()))
         kth = losses.float().kthvalue(k).values
-        self.guard = torch.nextafter(kth, torch.tensor(math.inf, device=kth.device))
+        self.guard = torch.nextafter(kth, self._inf)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
