@@ -207,6 +207,13 @@ def build_config(preset: str = "paper", overrides: dict[str, Any] | None = None)
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """`cfg` with dotted overrides applied, validated."""
+    cfg = _apply(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     problems = []
     for (section, name), choices in _CHOICES.items():

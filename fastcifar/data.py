@@ -256,10 +256,14 @@ def memory_split(images, labels, clean_labels, *, device, batch_size: int, shuff
     split = _ArraySplit(images, labels, clean, torch.arange(n, device=device), "<memory>", n,
                         tuple(images.shape[1:]))
     rank, world = _rank_and_world(distributed)
-    if batch_size < 1 or batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the world size {world}")
+    _check_batch_size(batch_size, world)
     return SplitLoader(split, _MemoryBackend(split, device), batch_size=batch_size, shuffle=shuffle,
                        drop_last=drop_last, seed=seed, rank=rank, world_size=world)
+
+
+def _check_batch_size(batch_size: int, world: int) -> None:
+    if batch_size < 1 or batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the world size {world}")
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -285,8 +289,7 @@ def open_split(path: str | Path, *, backend: str = "ffcv", device: str | torch.d
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     rank, world = _rank_and_world(distributed)
-    if batch_size < 1 or batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the world size {world}")
+    _check_batch_size(batch_size, world)
     path = Path(path)
     num_classes = read_meta(path.parent).get("num_classes") if (path.parent / "meta.json").is_file() else None
     index = open_beton(path, num_classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Config, build_config, dump_yaml, from_dict
+from .config import Config, apply_overrides, dump_yaml, from_dict
 from .io import atomic_write_text
 
 import yaml
@@ -47,14 +47,10 @@ def resume_config(run_dir: Path, overrides: dict[str, str]) -> Config:
     if bad:
         raise RunError(f"--resume cannot change {', '.join(bad)}: that would make the run incompatible "
                        f"with its checkpoint. Changeable on resume: {', '.join(RESUMABLE_OVERRIDES)}")
-    flat = {f"{s}.{k}": v for s, sec in yaml.safe_load(dump_yaml(saved)).items() for k, v in sec.items()}
-    flat.update(overrides)
-    return build_config_from_flat(flat)
+    return apply_overrides(saved, overrides)
 
 
-def build_config_from_flat(flat: dict) -> Config:
-    tree: dict = {}
-    for key, value in flat.items():
-        section, _, name = key.partition(".")
-        tree.setdefault(section, {})[name] = value
-    return from_dict(tree)
+def same_run(saved: Config, current: Config) -> bool:
+    """Whether `current` is `saved` up to the overrides a resume may change."""
+    allowed = {k: getattr(getattr(current, k.split(".")[0]), k.split(".")[1]) for k in RESUMABLE_OVERRIDES}
+    return apply_overrides(saved, allowed) == current

@@ -20,7 +20,7 @@ from .data import open_split, read_meta
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from .engine import Engine
 from .model import ModelError, build_model, count_parameters, resolve_precision
-from .rundir import RunError, prepare_run_dir, resume_config
+from .rundir import RunError, prepare_run_dir, resume_config, same_run
 from .schedule import build_schedule
 from .sources import DataError
 
@@ -104,7 +104,7 @@ class Run:
 
     def restore(self) -> None:
         state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt")
-        if from_dict(state["config"]) != self.cfg:
+        if not same_run(from_dict(state["config"]), self.cfg):
             raise CheckpointError("last.pt was written with another configuration than config.yaml")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
