@@ -90,7 +90,6 @@ class RunConfig:
     deterministic: bool = False  # bitwise-repeatable kernels (slower)
     out: str = "runs"  # parent folder of run directories
     name: str = ""  # run directory name; default: preset and a timestamp
-    log_every: int = 0  # steps between progress-bar refreshes; 0 = auto
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke tests, benchmarks)
     checkpoint_every: int = 5  # epochs between last.pt writes (also after the last epoch)
 

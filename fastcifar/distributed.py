@@ -34,10 +34,16 @@ def init_distributed(device_type: str, timeout_s: int = 300) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(0, 1, 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if device_type == "cuda":
+            # Before any collective: NCCL (and broadcast_object_list) use the current device.
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown() -> None:

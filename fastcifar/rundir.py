@@ -11,7 +11,7 @@ from .io import atomic_write_text
 import yaml
 
 # Keys a resumed run may change: they affect where and how it runs, not what it computes.
-RESUMABLE_OVERRIDES = ("run.device", "run.log_every", "run.checkpoint_every", "data.dir", "data.backend",
+RESUMABLE_OVERRIDES = ("run.device", "run.checkpoint_every", "data.dir", "data.backend",
                        "data.num_workers", "model.compile")
 
 

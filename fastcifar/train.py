@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 class Run:
     """One training run: the state the loop needs, its checkpoints and its reports."""
 
@@ -71,7 +76,10 @@ class Run:
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses otherwise
             torch.use_deterministic_algorithms(True)
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.loaders = loaders or open_loaders(cfg, device, dist)
         self.model = build_model(cfg.model).to(device)
         self.precision = resolve_precision(cfg.model.amp, device)
@@ -80,8 +88,12 @@ class Run:
             nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
         self.schedule = build_schedule(cfg)
+        arrays = {k: v.cpu() for k, v in self.loaders.score.arrays().items() if k != "images"}
+        self.labels, self.clean_labels = arrays["labels"], arrays["clean_labels"]  # in index order
+        self.known = self.clean_labels >= 0
+        self.noisy = self.known & (self.labels != self.clean_labels)
         self.engine = Engine(cfg, self.model, self.optimizer, self.scaler, self.precision, device, dist,
-                             self.schedule)
+                             self.schedule, self.noisy, self.known)
         self.metrics = report.MetricsLog(run_dir)
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.best_state: dict | None = None
@@ -155,13 +167,10 @@ class Run:
         if guard:  # the kept set would collapse: keep the k lowest losses instead
             keep = torch.zeros_like(keep)
             keep[losses.argsort()[:k]] = True
-        arrays = self.loaders.score.arrays()
-        known = arrays["clean_labels"] >= 0
         out = {"kept_fraction": float(keep.float().mean()), "guard_bound_steps": int(guard),
                "threshold": threshold}
-        if bool(known.any()):
-            noisy = arrays["labels"] != arrays["clean_labels"]
-            out.update(report.noise_detection((~keep)[known].cpu(), noisy[known].cpu()))
+        if bool(self.known.any()):
+            out.update(report.noise_detection((~keep).cpu()[self.known], self.noisy[self.known]))
         return keep.nonzero().flatten().cpu(), out
 
     def _log(self, rec: dict, epoch: int, started: float) -> None:
@@ -192,7 +201,7 @@ class Run:
             "final_acc": last["val_acc"], "final_acc_tta": last_tta.get("val_acc"),
             "best_acc": best["val_acc"], "best_acc_tta": best_tta.get("val_acc"), "best_epoch": self.best_epoch,
             "epochs": self.cfg.train.epochs, "total_seconds": seconds, "world_size": self.dist.world_size,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "device": device_name(self.device),
             "commit": git_commit(),
         }
         self._write_predictions()
@@ -207,25 +216,22 @@ class Run:
                                           self.loaders.num_classes)
         if not self.dist.is_main:
             return
-        arrays = {k: v.cpu() for k, v in self.loaders.score.arrays().items()}
-        order = arrays["indices"].argsort()  # rows of probs are already in index order
         threshold = self.schedule.threshold(self.cfg.train.epochs - 1)
-        probs, losses = probs.cpu(), losses.cpu()
+        probs, losses = probs.cpu(), losses.cpu()  # rows in index order, like self.labels
         report.write_pred_probs(self.run_dir, probs.numpy())
         conf, pred = probs.max(1)
-        report.write_suspects(self.run_dir, indices=arrays["indices"][order], labels=arrays["labels"][order],
-                              pred=pred, pred_prob=conf, loss=losses, kept=losses < threshold,
-                              clean_labels=arrays["clean_labels"][order])
+        report.write_suspects(self.run_dir, indices=torch.arange(len(losses)), labels=self.labels, pred=pred,
+                              pred_prob=conf, loss=losses, kept=losses < threshold,
+                              clean_labels=self.clean_labels)
 
 
 def startup_lines(run: Run) -> list[str]:
     cfg, total_params = run.cfg, count_parameters(run.model)[0]
     phases = ", ".join(f"{p.name} {p.first_epoch}-{p.last_epoch}" for p in run.schedule.phases)
     amp = str(run.precision.dtype).replace("torch.", "") if run.precision.dtype else "off"
-    device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
     return [
         f"run dir : {run.run_dir}",
-        f"device  : {device} x{run.dist.world_size} | amp {amp} | compile {cfg.model.compile} | commit {git_commit()}",
+        f"device  : {device_name(run.device)} x{run.dist.world_size} | amp {amp} | compile {cfg.model.compile} | commit {git_commit()}",
         f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
         f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
         f"data    : {run.loaders.num_train} train / {run.loaders.test.num_samples} test images, "

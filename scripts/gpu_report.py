@@ -260,6 +260,14 @@ def collect(args, work: Path, parts: dict) -> dict:
     return out
 
 
+def gpu_name() -> str:
+    """The GPU's name, asked of a child process: a CUDA context in this long-lived parent would hold
+    memory all along and, in exclusive-process compute mode, lock the workers out of the GPU."""
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown CUDA device"
+
+
 def environment(args, argv: list[str]) -> dict:
     import platform
     from importlib import metadata
@@ -274,7 +282,7 @@ def environment(args, argv: list[str]) -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    name = gpu_name() if args.device == "cuda" else "cpu"
     return {"device": name, "gpu_slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": version("triton"), "timm": version("timm"), "ffcv": version("ffcv"),
