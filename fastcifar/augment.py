@@ -1,8 +1,8 @@
-"""Batched augmentation on the device: crop, flip, RandAugment, erasing, normalisation, MixUp/CutMix, TTA.
+"""Batched augmentation on the device: crop, flip, RandAugment, erasing, normalisation, TTA views.
 
 Every function is pure and vectorised over the batch (no loop over samples). Per-sample
 randomness comes from `keyed_random`, keyed by (seed, epoch, sample index), so a sample is
-augmented the same way in an epoch whatever batch it lands in. The training pipeline follows
+augmented the same way in an epoch whatever batch it lands in. MixUp/CutMix: `mixing`. The training pipeline follows
 the paper's torchvision one: RandomCrop(pad 4) -> HorizontalFlip -> RandAugment(2, 9) ->
 ToDtype + Normalize -> RandomErasing (on the normalised image, so "zero" is the mean colour).
 
@@ -129,6 +129,8 @@ def _box_mask(boxes: Tensor, height: int, width: int, channels: int = 1) -> Tens
     cols = torch.arange(width * channels, device=dev).view(1, 1, -1)
     in_rows = (rows >= top) & (rows < top + bh)
     in_cols = (cols >= left * channels) & (cols < (left + bw) * channels)
+    if torch.compiler.is_compiling():  # inductor's CPU code generation fails on the bool bit-cast below
+        return in_rows & in_cols
     return (in_rows.view(torch.uint8) * in_cols.view(torch.uint8)).view(torch.bool)  # u8 product: fast
 
 
@@ -187,19 +189,24 @@ def normalize(
     values: Tensor | float = 0.0,
     size: int | None = None,
     out_dtype: torch.dtype = torch.float32,
+    constants: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """(images / 255 - mean) / std for uint8 (float in [0, 1] skips the / 255), then erase `boxes`
     with `values` (see `erase`), then resize bilinearly to size x size. Returns channels_last.
 
     images: (N, C, H, W) any strides. The work runs on an (N, H, W*C) channels-last view with
     the per-channel constants tiled along W*C, so every loop is long and vectorised.
+    constants: `_affine_constants` made beforehand (a traced caller passes them: no cache lookup
+    inside the graph).
     """
     n, c, h, w = images.shape
     out = torch.empty(n, h, w, c, device=images.device)
     for ch in range(c):  # per-channel strided copies beat one transposing copy with 3-long loops
         out[..., ch] = images[:, ch]
     rows = out.view(n, h, w * c)
-    scale, shift = _affine_constants(tuple(mean), tuple(std), w, images.dtype == torch.uint8, images.device)
+    if constants is None:
+        constants = _affine_constants(tuple(mean), tuple(std), w, images.dtype == torch.uint8, images.device)
+    scale, shift = constants
     torch.addcmul(shift, rows, scale, out=rows)
     if boxes is not None:
         inside = _box_mask(boxes, h, w, c)
@@ -222,10 +229,20 @@ _NOISE = _ERASE.stop  # where the sample's erasing noise starts in the epoch's n
 _RA = _NOISE + 1  # then (op, sign) per RandAugment slot
 
 
+def train_key(seed: int, epoch: int) -> int:
+    """The 32-bit key of an epoch's training augmentation (pass it as a 0-d int64 tensor to a graph)."""
+    return kr.stream_key(seed, epoch, kr.TRAIN)
+
+
 def sample_params(indices: Tensor, *, seed: int, epoch: int, cfg: AugmentConfig, height: int, width: int):
     """Every per-sample decision of `train_augment` for samples `indices` (N,) int64 -> AugmentParams."""
+    return _params(indices, train_key(seed, epoch), cfg, height, width)
+
+
+def _params(indices: Tensor, key, cfg: AugmentConfig, height: int, width: int) -> AugmentParams:
+    """`sample_params` from the epoch's key (an int, or a 0-d int64 tensor on the indices' device)."""
     k = cfg.randaugment_ops
-    bits = kr.keyed_bits(kr.stream_key(seed, epoch, kr.TRAIN), indices, _RA + 2 * k)
+    bits = kr.keyed_bits(key, indices, _RA + 2 * k)
     offsets = kr.choice(bits[:, _CROP], 2 * cfg.crop_padding + 1)
     flip = bits[:, _FLIP] < (1 << 31) if cfg.flip else torch.zeros_like(indices, dtype=torch.bool)
     ops = kr.choice(bits[:, _RA::2], len(ra.OPS))
@@ -239,8 +256,7 @@ def _noise_len(height: int, width: int) -> int:
     return max(NOISE_TABLE, 8 * 3 * height * width // 1024 * 1024)
 
 
-@functools.lru_cache(maxsize=4)
-def _noise_table(seed: int, epoch: int, length: int, device: torch.device) -> Tensor:
+def noise_table(seed: int, epoch: int, length: int, device: torch.device) -> Tensor:
     """`length` keyed standard normals, float32 on `device`, for one (seed, epoch).
 
     Hashing a fresh normal for every pixel of every image would cost several times the whole
@@ -250,101 +266,99 @@ def _noise_table(seed: int, epoch: int, length: int, device: torch.device) -> Te
     return kr.keyed_normal(kr.stream_key(seed, epoch, kr.ERASE_NOISE), rows, 1024).view(-1)
 
 
+_noise_table = functools.lru_cache(maxsize=4)(noise_table)  # the functional API's per-epoch tables
+
+
 def _as_uint8(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images
     return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)  # float in [0, 1]
 
 
+class TrainAugment:
+    """The training augmentation for one setting, image size and device, its constants made once.
+
+    A call runs tensor ops only, on its arguments and these constants: it traces as one graph
+    under torch.compile(fullgraph=True, dynamic=False) and can be captured in a CUDA graph.
+    graph_safe=True picks the RandAugment strategy that reads nothing back to the host ("masked");
+    otherwise "auto" (grouped on the CPU, where it is faster).
+    """
+
+    def __init__(self, cfg: AugmentConfig, height: int, width: int, device: torch.device,
+                 graph_safe: bool = False):
+        self.cfg, self.height, self.width = cfg, height, width
+        pad, mag = cfg.crop_padding, cfg.randaugment_magnitude
+        self.first_table = _ra_index_table(mag, height, width, pad, device)  # crop + flip + first op
+        self.later_table = _ra_index_table(mag, height, width, 0, device)
+        self.slot_constants = ra.slot_constants(mag, height, width, device)
+        self.normalize_constants = _affine_constants(tuple(cfg.mean), tuple(cfg.std), width, True, device)
+        self.strategy = "masked" if graph_safe else "auto"
+        self.noise_length = _noise_len(height, width)
+        self.uses_noise = cfg.erasing_p > 0 and cfg.erasing_value == "random"
+
+    def noise(self, seed: int, epoch: int, device: torch.device) -> Tensor | None:
+        """The epoch's erasing noise table (None when erasing draws no noise); pass it to `__call__`."""
+        return noise_table(seed, epoch, self.noise_length, device) if self.uses_noise else None
+
+    def __call__(self, images: Tensor, indices: Tensor, key, noise: Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """images: (N, 3, H, W) uint8 (float in [0, 1] is quantised first), any strides; indices: (N,)
+        int64 sample ids; key: `train_key(seed, epoch)` as an int or a 0-d int64 tensor; noise: this
+        epoch's `noise(...)`. Returns (N, 3, S, S) normalised `out_dtype`, channels_last, S = cfg.image_size.
+        """
+        cfg, h, w = self.cfg, self.height, self.width
+        n, k, pad, mag = len(images), cfg.randaugment_ops, cfg.crop_padding, cfg.randaugment_magnitude
+        p = _params(indices, key, cfg, h, w)
+        # Crop, flip and the first op's warp are one gather (op 0, Identity, when there is no op).
+        none = torch.zeros_like(p.flip)
+        first_op, first_neg = (p.ops[:, 0], p.negative[:, 0]) if k else (none.long(), none)
+        index = self.first_table.index_select(0, _table_row(p.flip.long(), first_op, first_neg))
+        index = index + (p.offsets[:, :1] * (w + 2 * pad) + p.offsets[:, 1:])  # the crop: a shift per sample
+        x = _gather(_as_uint8(images), index, pad)
+        later = self.later_table
+
+        def warp(x: Tensor, op_ids: Tensor, negative: Tensor) -> Tensor:
+            return _gather(x, later.index_select(0, _table_row(0, op_ids, negative)), 0)
+
+        for slot in range(k):
+            x = ra.apply_slot(x, p.ops[:, slot], p.negative[:, slot], mag, warp=warp if slot else None,
+                              strategy=self.strategy, constants=self.slot_constants)
+        boxes, values = (p.boxes if cfg.erasing_p > 0 else None), 0.0
+        if boxes is not None and self.uses_noise:  # laid out in channels-last order
+            windows = noise.unfold(0, 3 * h * w, 1)
+            values = windows[p.noise_start].view(n, h, w, 3).permute(0, 3, 1, 2)
+        return normalize(x, cfg.mean, cfg.std, boxes=boxes, values=values, size=cfg.image_size,
+                         out_dtype=out_dtype, constants=self.normalize_constants)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(cfg: AugmentConfig, height: int, width: int, device: torch.device) -> TrainAugment:
+    return TrainAugment(cfg, height, width, device)
+
+
 def train_augment(images, indices, *, seed: int, epoch: int, cfg: AugmentConfig, out_dtype=torch.float32):
-    """The training augmentation of a batch, keyed by (seed, epoch, sample index).
+    """The training augmentation of a batch, keyed by (seed, epoch, sample index): `TrainAugment`
+    made (and cached) for this setting, called with the epoch's key and noise.
 
     images: (N, 3, H, W) uint8 (float in [0, 1] is quantised first), any device and strides;
     indices: (N,) int64 sample ids on the same device. Returns (N, 3, S, S) normalised
     `out_dtype` in channels_last memory, S = cfg.image_size.
     """
-    n, _, h, w = images.shape
-    dev, k, pad, mag = images.device, cfg.randaugment_ops, cfg.crop_padding, cfg.randaugment_magnitude
-    p = sample_params(indices, seed=seed, epoch=epoch, cfg=cfg, height=h, width=w)
-    # Crop, flip and the first op's warp are one gather (op 0, Identity, when there is no op).
-    none = torch.zeros_like(p.flip)
-    first_op, first_neg = (p.ops[:, 0], p.negative[:, 0]) if k else (none.long(), none)
-    rows = _table_row(p.flip.long(), first_op, first_neg)
-    index = _ra_index_table(mag, h, w, pad, dev).index_select(0, rows)
-    index += p.offsets[:, :1] * (w + 2 * pad) + p.offsets[:, 1:]  # the crop: a shift per sample
-    x = _gather(_as_uint8(images), index, pad)
-    later = _ra_index_table(mag, h, w, 0, dev)
-
-    def warp(x: Tensor, op_ids: Tensor, negative: Tensor) -> Tensor:
-        return _gather(x, later.index_select(0, _table_row(0, op_ids, negative)), 0)
-
-    for slot in range(k):
-        x = ra.apply_slot(x, p.ops[:, slot], p.negative[:, slot], mag, warp=warp if slot else None)
-    boxes, values = (p.boxes if cfg.erasing_p > 0 else None), 0.0
-    if boxes is not None and cfg.erasing_value == "random":  # laid out in channels-last order
-        windows = _noise_table(seed, epoch, _noise_len(h, w), dev).unfold(0, 3 * h * w, 1)
-        values = windows[p.noise_start].view(n, h, w, 3).permute(0, 3, 1, 2)
-    size = cfg.image_size
-    return normalize(x, cfg.mean, cfg.std, boxes=boxes, values=values, size=size, out_dtype=out_dtype)
+    plan = _plan(cfg, images.shape[-2], images.shape[-1], images.device)
+    noise = _noise_table(seed, epoch, plan.noise_length, images.device) if plan.uses_noise else None
+    return plan(images, indices, train_key(seed, epoch), noise, out_dtype)
 
 
-def eval_transform(images: Tensor, *, cfg: AugmentConfig, out_dtype=torch.float32) -> Tensor:
-    """Normalise (and resize to cfg.image_size) a uint8 (N, 3, H, W) batch -> channels_last."""
-    return normalize(images, cfg.mean, cfg.std, size=cfg.image_size, out_dtype=out_dtype)
+def eval_transform(images: Tensor, *, cfg: AugmentConfig, out_dtype=torch.float32,
+                   constants: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Normalise (and resize to cfg.image_size) a uint8 (N, 3, H, W) batch -> channels_last.
+    constants: `eval_constants(...)` made beforehand, for a traced caller."""
+    return normalize(images, cfg.mean, cfg.std, size=cfg.image_size, out_dtype=out_dtype, constants=constants)
 
 
-# ---- MixUp / CutMix ----
-
-
-def mixup(images: Tensor, perm: Tensor, lam: float) -> Tensor:
-    """lam * images + (1 - lam) * images[perm]; images (N, C, H, W) float, perm (N,) int64."""
-    return images[perm].mul_(1.0 - lam).add_(images.mul(lam))
-
-
-def cutmix(images: Tensor, perm: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-    """Paste the box (y1, x1, y2, x2), end-exclusive, of images[perm] into images."""
-    y1, x1, y2, x2 = box
-    out = images.clone()
-    out[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
-    return out
-
-
-def cutmix_box(rng, lam: float, height: int, width: int) -> tuple[int, int, int, int]:
-    """torchvision CutMix's box for mixing weight `lam`: a centre uniform over the image and
-    sides sqrt(1 - lam) times the image's, clipped to it. Returns (y1, x1, y2, x2)."""
-    cy, cx = int(rng.integers(height)), int(rng.integers(width))
-    r = 0.5 * math.sqrt(1.0 - lam)
-    hh, hw = int(r * height), int(r * width)
-    return max(cy - hh, 0), max(cx - hw, 0), min(cy + hh, height), min(cx + hw, width)
-
-
-def mix_batch(images: Tensor, labels: Tensor, *, seed: int, epoch: int, step: int, cfg: AugmentConfig):
-    """MixUp or CutMix (one of the two, at random per batch, when both alphas are > 0).
-
-    images: (N, C, S, S) normalised float; labels: (N,) int64. Returns (mixed images,
-    labels_b (N,) int64 = the partners' labels, lam 0-d float32 on the device), for a loss
-    lam * CE(labels) + (1 - lam) * CE(labels_b). CutMix's lam is the unpasted area fraction.
-    Keyed by (seed, epoch, step): the partner permutation on the device, lam and the box on the host.
-    """
-    dev = images.device
-    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
-        return images, labels, torch.ones((), dtype=torch.float32, device=dev)
-    rng = kr.batch_generator(kr.MIX_BATCH, seed, epoch, step)
-    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < 0.5)
-    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
-    lam = float(rng.beta(alpha, alpha))
-    positions = torch.arange(len(images), device=dev)
-    bits = kr.keyed_bits(kr.stream_key(seed, epoch, kr.MIX_PERM, step), positions, 1)[:, 0]
-    perm = torch.argsort(bits, stable=True)  # a uniform random permutation (ties are rare, and stable)
-    if use_cutmix:
-        h, w = images.shape[-2:]
-        box = cutmix_box(rng, lam, h, w)
-        mixed = cutmix(images, perm, box)
-        lam = 1.0 - (box[2] - box[0]) * (box[3] - box[1]) / (h * w)
-    else:
-        mixed = mixup(images, perm, lam)
-    # torch.full puts the scalar in the kernel launch; torch.tensor would copy (and sync) from the host
-    return mixed, labels[perm], torch.full((), lam, dtype=torch.float32, device=dev)
+def eval_constants(cfg: AugmentConfig, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The normalisation constants `eval_transform` uses on uint8 images `width` pixels wide."""
+    return _affine_constants(tuple(cfg.mean), tuple(cfg.std), width, True, device)
 
 
 # ---- test-time augmentation ----

@@ -34,7 +34,8 @@ class ModelConfig:
     dropout: float = 0.5  # in the paper's head, before the linear layer
     channels_last: bool = True
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune (the last two: inductor's CUDA graphs)
+    cuda_graphs: str = "auto"  # auto (on for one CUDA process, bf16/fp32) | on | off: each step as one CUDA graph
     amp: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
 
 
@@ -111,6 +112,7 @@ _CHOICES = {
     ("data", "backend"): ("ffcv", "memory"),
     ("model", "compile"): ("auto", "on", "off"),
     ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    ("model", "cuda_graphs"): ("auto", "on", "off"),
     ("model", "amp"): ("auto", "bf16", "fp16", "off"),
     ("augment", "erasing_value"): ("zero", "random"),
     ("filter", "mode"): ("batch", "epoch"),

@@ -246,8 +246,9 @@ _FACTOR_OPS = {
 
 
 @functools.lru_cache(maxsize=64)
-def _slot_constants(magnitude: int, height: int, width: int, device: torch.device) -> dict:
-    """Per colour op id: its ready parameters on `device`, made once per setting."""
+def slot_constants(magnitude: int, height: int, width: int, device: torch.device) -> dict:
+    """Per colour op id: its ready parameters on `device`, made once per setting (pass them to
+    `apply_slot` from traced code: no cache lookup inside the graph)."""
     consts = {}
     for op in _FACTOR_OPS:
         v = op_value(op, magnitude, height, width)
@@ -290,6 +291,7 @@ def apply_slot(
     magnitude: int,
     warp: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     strategy: str = "auto",
+    constants: dict | None = None,
 ) -> Tensor:
     """Apply each sample's op of one RandAugment slot.
 
@@ -299,11 +301,13 @@ def apply_slot(
     strategy "grouped" sorts the batch by op and runs each op on its own samples only (least
     work, but the group sizes go to the host: a device sync on a GPU); "masked" runs every op
     on the whole batch and selects (static shapes: no sync, fusable by torch.compile); "auto"
-    is grouped on the CPU and masked elsewhere. Both give identical results.
+    is grouped on the CPU and masked elsewhere (and under torch.compile). Both give identical
+    results. constants: `slot_constants(magnitude, H, W, device)`, made here when None.
     """
     if strategy == "auto":
-        strategy = "grouped" if images.device.type == "cpu" else "masked"
-    consts = _slot_constants(magnitude, *images.shape[-2:], images.device)
+        cpu = images.device.type == "cpu" and not torch.compiler.is_compiling()
+        strategy = "grouped" if cpu else "masked"
+    consts = constants if constants is not None else slot_constants(magnitude, *images.shape[-2:], images.device)
     if strategy == "masked":
         src = images if warp is None else warp(images, op_ids, negative)
         out = src

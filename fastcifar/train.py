@@ -20,6 +20,7 @@ from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse
 from .data import open_split, read_meta
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from .engine import Engine
+from .optim import PhaseSGD
 from .model import ModelError, build_model, count_parameters, resolve_precision
 from .rundir import RunError, prepare_run_dir, resume_config, same_run
 from .schedule import build_schedule
@@ -83,17 +84,17 @@ class Run:
         self.loaders = loaders or open_loaders(cfg, device, dist)
         self.model = build_model(cfg.model).to(device)
         self.precision = resolve_precision(cfg.model.amp, device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = PhaseSGD(self.model, cfg.optim, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
         self.schedule = build_schedule(cfg)
         arrays = {k: v.cpu() for k, v in self.loaders.score.arrays().items() if k != "images"}
         self.labels, self.clean_labels = arrays["labels"], arrays["clean_labels"]  # in index order
         self.known = self.clean_labels >= 0
         self.noisy = self.known & (self.labels != self.clean_labels)
+        train = self.loaders.train
         self.engine = Engine(cfg, self.model, self.optimizer, self.scaler, self.precision, device, dist,
-                             self.schedule, self.noisy, self.known)
+                             self.schedule, self.noisy, self.known, num_samples=self.loaders.num_train,
+                             image_shape=train.image_shape, max_steps=train.num_batches())
         self.metrics = report.MetricsLog(run_dir)
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.best_state: dict | None = None
@@ -202,7 +203,7 @@ class Run:
             "best_acc": best["val_acc"], "best_acc_tta": best_tta.get("val_acc"), "best_epoch": self.best_epoch,
             "epochs": self.cfg.train.epochs, "total_seconds": seconds, "world_size": self.dist.world_size,
             "device": device_name(self.device),
-            "commit": git_commit(),
+            "commit": git_commit(), **self.engine.report(),
         }
         self._write_predictions()
         if self.dist.is_main:
@@ -231,7 +232,9 @@ def startup_lines(run: Run) -> list[str]:
     amp = str(run.precision.dtype).replace("torch.", "") if run.precision.dtype else "off"
     return [
         f"run dir : {run.run_dir}",
-        f"device  : {device_name(run.device)} x{run.dist.world_size} | amp {amp} | compile {cfg.model.compile} | commit {git_commit()}",
+        f"device  : {device_name(run.device)} x{run.dist.world_size} | amp {amp} | commit {git_commit()}",
+        f"step    : {run.engine.ctx.ladder.mode.describe()}"
+        + "".join(f"; {note}" for note in run.engine.mode_notes),
         f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
         f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
         f"data    : {run.loaders.num_train} train / {run.loaders.test.num_samples} test images, "

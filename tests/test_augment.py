@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastcifar import augment as A
 from fastcifar import keyed_random as kr
+from fastcifar import mixing as M
 from fastcifar import randaugment as ra
 from fastcifar.config import AugmentConfig
 
@@ -183,7 +184,7 @@ def test_keyed_hash_is_exact_and_touches_no_global_state():
     state = torch.random.get_rng_state()
     A.train_augment(x, y, seed=0, epoch=0, cfg=dataclasses.replace(CFG, erasing_value="random"))
     for step in range(4):
-        A.mix_batch(x.float(), y, seed=0, epoch=0, step=step, cfg=MIX)
+        M.mix_batch(x.float(), y, seed=0, epoch=0, step=step, cfg=MIX)
     assert torch.equal(torch.random.get_rng_state(), state)
     with pytest.raises(ValueError):
         kr.stream_key(-1)
@@ -260,18 +261,32 @@ def test_erasing_rate_and_boxes(params):
 
 def test_mixing_off_returns_the_batch():
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
-    out, yb, lam = A.mix_batch(x, y, seed=0, epoch=0, step=0, cfg=AugmentConfig())
+    out, yb, lam = M.mix_batch(x, y, seed=0, epoch=0, step=0, cfg=AugmentConfig())
     assert out is x and yb is y and lam.dtype == torch.float32 and lam.ndim == 0 and float(lam) == 1.0
 
 
-def test_mixup_and_cutmix_by_hand():
-    x = torch.randn(6, 3, 10, 12)
-    perm = torch.tensor([2, 0, 1, 5, 3, 4])
-    torch.testing.assert_close(A.mixup(x, perm, 0.3), 0.3 * x + 0.7 * x[perm])
-    out = A.cutmix(x, perm, (2, 3, 7, 11))
+def _row(use_cutmix, lam, box, key):
+    return torch.tensor([float(use_cutmix), lam, *map(float, box), float(key)], dtype=torch.float64)
+
+
+def test_mixup_and_cutmix_rows_by_hand():
+    x, y = torch.randn(6, 3, 10, 12), torch.arange(6) * 10
+    key = kr.stream_key(4, 5, kr.MIX_PERM, 6)
+    perm = torch.argsort(kr.keyed_bits(key, torch.arange(6), 1)[:, 0], stable=True)
+    out, yb, lam = M.mix_rows(x, y, _row(False, 0.3, (0, 0, 0, 0), key))
+    torch.testing.assert_close(out, 0.3 * x + 0.7 * x[perm])
+    assert torch.equal(yb, y[perm]) and float(lam) == pytest.approx(0.3)
+    out, yb, lam = M.mix_rows(x, y, _row(True, 0.75, (2, 3, 7, 11), key))
     expected = x.clone()
     expected[:, :, 2:7, 3:11] = x[perm][:, :, 2:7, 3:11]
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected) and torch.equal(yb, y[perm]) and float(lam) == 0.75
+
+
+def test_a_mix_table_holds_each_steps_draw():
+    table = M.mix_table(MIX, seed=1, epoch=2, steps=5, height=16, width=16)
+    assert table.shape == (5, M.ROW_WIDTH) and table.dtype == torch.float64
+    for step in range(5):
+        assert table[step].tolist() == M.mix_row(MIX, seed=1, epoch=2, step=step, height=16, width=16)
 
 
 @pytest.mark.parametrize("cfg", [MIX, AugmentConfig(mixup_alpha=1.0), AugmentConfig(cutmix_alpha=1.0)],
@@ -281,7 +296,7 @@ def test_mix_batch(cfg):
     x, y = torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 100, (32,), generator=g)
     kinds = []
     for step in range(200):
-        out, yb, lam = A.mix_batch(x, y, seed=1, epoch=2, step=step, cfg=cfg)
+        out, yb, lam = M.mix_batch(x, y, seed=1, epoch=2, step=step, cfg=cfg)
         assert lam.shape == () and lam.dtype == torch.float32 and 0 <= float(lam) <= 1
         bits = kr.keyed_bits(kr.stream_key(1, 2, kr.MIX_PERM, step), torch.arange(32), 1)[:, 0]
         perm = torch.argsort(bits, stable=True)
@@ -293,8 +308,8 @@ def test_mix_batch(cfg):
             assert torch.equal(out, torch.where(taken[:1, None], x[perm], x))
             assert abs(float(lam) - (1 - float(taken[0].float().mean()))) < 1e-6
         kinds.append(is_cut)
-    again = A.mix_batch(x, y, seed=1, epoch=2, step=7, cfg=cfg)
-    first = A.mix_batch(x, y, seed=1, epoch=2, step=7, cfg=cfg)
+    again = M.mix_batch(x, y, seed=1, epoch=2, step=7, cfg=cfg)
+    first = M.mix_batch(x, y, seed=1, epoch=2, step=7, cfg=cfg)
     assert all(torch.equal(a, b) for a, b in zip(again, first))
     rate = sum(kinds) / len(kinds)
     expected = {"both": 0.5, "mixup": 0.0, "cutmix": 1.0}[

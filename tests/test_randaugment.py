@@ -49,7 +49,7 @@ def _ours(images, op, magnitude, negative):
     if op in ra.GEOMETRIC:
         mats = torch.tensor(ra.op_matrix(op, value, h, w)).view(1, 2, 3).expand(n, 2, 3)
         return A.affine_warp(images, mats)
-    consts = ra._slot_constants(magnitude, h, w, images.device)
+    consts = ra.slot_constants(magnitude, h, w, images.device)
     return ra._color_op(ra.OPS.index(op), images, torch.full((n,), negative), consts)
 
 
