@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .io import atomic_path
+from .weights import WeightsError, safe_load
 
 
 class CheckpointError(RuntimeError):
@@ -59,10 +60,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (tensors and plain types only)."""
-    if not path.is_file():
+    """Load a checkpoint written by `save_checkpoint` (tensors and plain types only; no code is run)."""
+    if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+        state = safe_load(path, what="checkpoint")
+    except WeightsError as e:  # a truncated, foreign or code-carrying file
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: not a checkpoint that can be loaded safely: "
+                              f"it holds a {type(state).__name__}, not a dict")
+    return state
