@@ -9,6 +9,8 @@ numbers compare like with like: forward reads the logits and writes their gradie
 (2 * N * C * itemsize bytes), backward reads and rescales that gradient (2 * N * C * itemsize),
 full does both (4 * N * C * itemsize). "eager" is the plain-PyTorch reference (per-sample
 F.cross_entropy in fp32, as autocast would run it, then compare, masked mean and autograd).
+Each case runs with one 0-d threshold tensor and with a (C,) tensor of per-class thresholds
+(same group, so the cost of the per-class gather shows beside the scalar compare).
 """
 import functools
 import time
@@ -25,6 +27,7 @@ SHAPES = [(100, 100), (500, 100), (4096, 1000), (4096, 32000)]
 DTYPES = [torch.float32, torch.bfloat16]
 IMPLS = ["triton", "eager", "compiled"]
 MODES = ["forward", "backward", "full"]
+THRESHOLDS = ["0-d", "per-class"]
 ROUNDS = 20  # timed rounds; pytest-benchmark reports their statistics
 
 
@@ -40,14 +43,18 @@ def _loss_fn(impl):
     return reference_masked_cross_entropy if impl == "eager" else _compiled_reference()
 
 
-def make_case(impl, mode, n, c, dtype, device):
-    """A zero-argument callable doing one `mode` step of `impl` on (n, c) logits of `dtype`."""
+def make_case(impl, mode, n, c, dtype, device, thr_kind="0-d"):
+    """A zero-argument callable doing one `mode` step of `impl` on (n, c) logits of `dtype`,
+    with a 0-d threshold or (thr_kind "per-class") a (c,) fp32 tensor of per-class ones."""
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(n, c, device=device, dtype=dtype, generator=g).requires_grad_(True)
     labels = torch.randint(0, c, (n,), device=device, generator=g)
     with torch.no_grad():  # keep about half the batch, as the filter does mid-training
         losses = reference_masked_cross_entropy(logits, labels, float("inf")).per_sample
         threshold = losses.median()
+        if thr_kind == "per-class":  # +-20% around the median: still about half kept
+            jitter = torch.empty(c, device=device).uniform_(0.8, 1.2, generator=g)
+            threshold = threshold * jitter
     fn = _loss_fn(impl)
 
     def forward():
@@ -78,9 +85,10 @@ def _peak_gbps():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_masked_ce(benchmark, impl, mode, shape, dtype):
+@pytest.mark.parametrize("thr_kind", THRESHOLDS)
+def test_bench_masked_ce(benchmark, thr_kind, impl, mode, shape, dtype):
     n, c = shape
-    step = make_case(impl, mode, n, c, dtype, "cuda")
+    step = make_case(impl, mode, n, c, dtype, "cuda", thr_kind)
     loops = 100 if n * c <= 1_000_000 else 10  # calls per round: amortise one sync
 
     def run():
@@ -92,7 +100,8 @@ def test_bench_masked_ce(benchmark, impl, mode, shape, dtype):
         run()
     benchmark.group = f"{mode} {n}x{c} {str(dtype).removeprefix('torch.')}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), impl=impl, mode=mode,
-                                n=n, c=c, dtype=str(dtype), loops_per_round=loops)
+                                n=n, c=c, dtype=str(dtype), threshold=thr_kind,
+                                loops_per_round=loops)
     start = time.perf_counter()
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     seconds = (benchmark.stats.stats.median if benchmark.stats else

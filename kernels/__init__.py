@@ -31,7 +31,8 @@ def masked_cross_entropy(
     reduction: str = "mean",
 ) -> MaskedCE:
     """Masked cross-entropy (DESIGN contract 2): Triton on CUDA or under TRITON_INTERPRET=1,
-    the PyTorch reference otherwise. Arguments and result as reference_masked_cross_entropy."""
+    the PyTorch reference otherwise. Arguments and result as reference_masked_cross_entropy;
+    threshold is a float, a 0-d tensor, or a (C,) tensor of per-class thresholds."""
     use_triton = triton_masked_cross_entropy is not None and (logits.is_cuda or INTERPRETED)
     impl = triton_masked_cross_entropy if use_triton else reference_masked_cross_entropy
     return impl(logits, labels, threshold, label_smoothing=label_smoothing, labels_b=labels_b,

@@ -1,10 +1,11 @@
 """Fused masked cross-entropy in Triton: per-sample loss, keep mask, masked loss and gradient.
 
 One pass over each row of logits gives the per-sample loss (label smoothing, optional
-MixUp/CutMix partner), the keep mask against a device-side threshold, and d loss_i / d logits
-for kept rows (zero for dropped ones). A second, tiny kernel sums the kept losses and counts
-them in a fixed order (deterministic), or the row kernel does it itself when one program covers
-the whole batch. Backward only rescales the saved gradient by upstream_grad / max(count, 1).
+MixUp/CutMix partner), the keep mask against a device-side threshold (one for every row, or
+one per class read at the row's label), and d loss_i / d logits for kept rows (zero for
+dropped ones). A second, tiny kernel sums the kept losses and counts them in a fixed order
+(deterministic), or the row kernel does it itself when one program covers the whole batch.
+Backward only rescales the saved gradient by upstream_grad / max(count, 1).
 
 With targets t_c = (1 - eps) * (lam [c == y] + (1 - lam) [c == y_b]) + eps / C (they sum to 1),
     loss_i = logsumexp(x_i) - sum_c t_c x_ic        grad_ic = softmax(x_i)_c - t_c,
@@ -63,16 +64,17 @@ def _ce_tile_kernel(
     logits_ptr, stride_row, labels_ptr, labels_b_ptr, thr_ptr, thr_value, lam_ptr, lam_value,
     per_sample_ptr, keep_ptr, grad_ptr, loss_ptr, scale_ptr,
     n_rows, n_cols, rows_per_program, label_smoothing,
-    HAS_B: tl.constexpr, THR_FROM_PTR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, FUSED_REDUCE: tl.constexpr, MEAN: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_B: tl.constexpr, THR_FROM_PTR: tl.constexpr, THR_PER_CLASS: tl.constexpr,
+    LAM_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    MEAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Masked cross-entropy for rows that fit one block of BLOCK_C >= C classes.
 
     logits_ptr: (N, C) fp32/fp16/bf16, unit stride along classes. stride_row: its row stride.
     labels_ptr, labels_b_ptr: (N,) int64 (labels_b_ptr is only read when HAS_B).
-    thr_ptr / thr_value: the threshold, a 0-d tensor of any float dtype (THR_FROM_PTR) or an
-        fp32 scalar. lam_ptr / lam_value: lam, likewise (LAM_FROM_PTR).
+    thr_ptr / thr_value: the threshold, a 0-d tensor of any float dtype (THR_FROM_PTR), a
+        contiguous (C,) tensor of per-class thresholds indexed by labels (THR_PER_CLASS), or
+        an fp32 scalar. lam_ptr / lam_value: lam, a 0-d tensor (LAM_FROM_PTR) or a scalar.
     per_sample_ptr: (N,) fp32 out. keep_ptr: (N,) bool out.
     grad_ptr: (N, C) contiguous out in the logits' dtype, d loss_i / d logits_i times keep_i
         (only when WRITE_GRAD). loss_ptr, scale_ptr: 0-d fp32 outs, written only when
@@ -112,7 +114,11 @@ def _ce_tile_kernel(
         # sum_c t_c (x_c - m) rather than sum_c t_c x_c: no cancellation against m at |x| ~ 1e4.
         loss = tl.log(d) - tl.sum(t * tl.where(mask, x - m[:, None], 0.0), axis=1)
         loss = tl.where(bad, float("nan"), loss)  # an invalid label never counts as kept
-        keep = loss < thr
+        if THR_PER_CLASS:
+            # Masked: an invalid label (NaN loss, dropped anyway) must not address memory.
+            keep = loss < tl.load(thr_ptr + y, mask=row_mask & ~bad, other=0.0).to(tl.float32)
+        else:
+            keep = loss < thr
         tl.store(per_sample_ptr + rows, loss, mask=row_mask)
         tl.store(keep_ptr + rows, keep, mask=row_mask)
         if WRITE_GRAD:
@@ -131,8 +137,8 @@ def _ce_tile_kernel(
 def _ce_loop_kernel(
     logits_ptr, stride_row, labels_ptr, labels_b_ptr, thr_ptr, thr_value, lam_ptr, lam_value,
     per_sample_ptr, keep_ptr, grad_ptr, n_cols, label_smoothing,
-    HAS_B: tl.constexpr, THR_FROM_PTR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_B: tl.constexpr, THR_FROM_PTR: tl.constexpr, THR_PER_CLASS: tl.constexpr,
+    LAM_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Masked cross-entropy for rows wider than one block: one row per program, two passes.
 
@@ -169,7 +175,10 @@ def _ce_loop_kernel(
     loss = tl.log(d) - dot
     bad = (y < 0) | (y >= n_cols) | (yb < 0) | (yb >= n_cols)
     loss = tl.where(bad, float("nan"), loss)
-    keep = loss < thr
+    if THR_PER_CLASS:
+        keep = loss < tl.load(thr_ptr + y, mask=~bad, other=0.0).to(tl.float32)
+    else:
+        keep = loss < thr
     tl.store(per_sample_ptr + row, loss)
     tl.store(keep_ptr + row, keep)
     if WRITE_GRAD:
@@ -240,11 +249,14 @@ def _num_warps(tile: int) -> int:
 def _forward(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
              threshold: Optional[Tensor], threshold_value: float, lam: Optional[Tensor],
              lam_value: float, label_smoothing: float, mean: bool, need_grad: bool):
-    """Launch the row kernel (and the reduction): (loss, per_sample, keep, grad, scale)."""
+    """Launch the row kernel (and the reduction): (loss, per_sample, keep, grad, scale).
+    threshold: None (use threshold_value), a 0-d or a (C,) per-class tensor of any float dtype."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     labels = labels.contiguous()
     labels_b = labels_b.contiguous() if labels_b is not None else labels
+    if threshold is not None:
+        threshold = threshold.contiguous()  # per-class: the kernel indexes it with unit stride
     n, c = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     loss, scale = torch.empty((), **f32), torch.empty((), **f32)
@@ -256,8 +268,9 @@ def _forward(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
             threshold if threshold is not None else per_sample, threshold_value,
             lam if lam is not None else per_sample, lam_value,
             per_sample, keep, grad if need_grad else per_sample)
-    flags = dict(HAS_B=labels_b is not labels, THR_FROM_PTR=threshold is not None,
-                 LAM_FROM_PTR=lam is not None, WRITE_GRAD=need_grad)
+    per_class = threshold is not None and threshold.dim() == 1
+    flags = dict(HAS_B=labels_b is not labels, THR_FROM_PTR=threshold is not None and not per_class,
+                 THR_PER_CLASS=per_class, LAM_FROM_PTR=lam is not None, WRITE_GRAD=need_grad)
     block_c = triton.next_power_of_2(c)
     if block_c > MAX_BLOCK_C:
         if n:
@@ -303,6 +316,7 @@ def masked_ce_fwd(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
 @masked_ce_fwd.register_fake
 def _masked_ce_fwd_fake(logits, labels, labels_b, threshold, threshold_value, lam, lam_value,
                         label_smoothing, mean, need_grad):
+    """Output shapes and dtypes only; they do not depend on the threshold's shape (0-d or (C,))."""
     n = logits.shape[0]
     grad_shape = tuple(logits.shape) if need_grad else (0,)
     return (logits.new_empty((), dtype=torch.float32),
@@ -365,8 +379,10 @@ def triton_masked_cross_entropy(
 
     logits: (N, C) fp32/fp16/bf16 on CUDA (or on the CPU with TRITON_INTERPRET=1 set before
     triton was imported); rows need unit stride along classes, else they are copied.
-    labels, labels_b: (N,) int64. threshold, lam: Python floats or 0-d tensors on the logits'
-    device (tensors change without recompiling a kernel or re-tracing a compiled graph).
+    labels, labels_b: (N,) int64. threshold: a Python float, a 0-d tensor, or a (C,) floating
+    tensor of per-class thresholds (row i is compared with threshold[labels[i]], the first
+    label's class also with a partner); lam: a Python float or a 0-d tensor. Tensors are on the
+    logits' device and change without recompiling a kernel or re-tracing a compiled graph.
     Returns MaskedCE(loss 0-d fp32, per_sample (N,) fp32 detached, keep (N,) bool). The
     gradient w.r.t. logits is computed during the forward; it is in the logits' dtype.
     """

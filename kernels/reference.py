@@ -19,7 +19,7 @@ class MaskedCE(NamedTuple):
 
     loss: 0-d fp32, differentiable w.r.t. the logits only.
     per_sample: (N,) fp32, detached; the loss of every sample, kept or not.
-    keep: (N,) bool; per_sample < threshold.
+    keep: (N,) bool; per_sample < threshold (or < threshold[labels] for per-class thresholds).
     """
 
     loss: Tensor
@@ -38,6 +38,26 @@ def _check_scalar_tensor(name: str, t: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
 
 
+def _check_threshold(threshold, logits: Tensor) -> None:
+    """A real number (not NaN), a 0-d floating tensor, or a (C,) floating tensor of per-class
+    thresholds, a tensor on the logits' device."""
+    if not isinstance(threshold, Tensor):
+        if not _is_number(threshold) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a real number, a 0-d tensor or a (C,) tensor, "
+                             f"got {threshold!r}")
+        return
+    n_classes = logits.shape[1]
+    if threshold.dim() > 1 or not threshold.is_floating_point():
+        raise ValueError(f"threshold must be a 0-d or ({n_classes},) floating tensor, got shape "
+                         f"{tuple(threshold.shape)} {threshold.dtype}")
+    if threshold.dim() == 1 and threshold.shape[0] != n_classes:
+        raise ValueError(f"a per-class threshold needs one entry per class: shape "
+                         f"({n_classes},), got ({threshold.shape[0]},)")
+    if threshold.device != logits.device:
+        raise ValueError(f"threshold is on {threshold.device} but the logits are on "
+                         f"{logits.device}")
+
+
 def _check_labels(name: str, labels: Tensor, logits: Tensor) -> None:
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1]:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
@@ -53,9 +73,9 @@ def check_inputs(logits, labels, threshold, label_smoothing, labels_b, lam, redu
 
     Checked (shapes, dtypes, devices and Python numbers only, so no host synchronisation):
     logits (N, C) with C >= 1 in fp32/fp16/bf16; labels and labels_b (N,) int64 on the same
-    device; threshold a real number (not NaN) or a 0-d floating tensor on that device; lam a
-    number in [0, 1] or a 0-d floating tensor on that device; label_smoothing in [0, 1);
-    reduction "mean" or "sum".
+    device; threshold a real number (not NaN), a 0-d floating tensor or a (C,) floating tensor
+    of per-class thresholds on that device; lam a number in [0, 1] or a 0-d floating tensor on
+    that device; label_smoothing in [0, 1); reduction "mean" or "sum".
     The caller's duty (checking it would need the values, hence a sync): every label lies in
     [0, C) (the data layer validates labels when files are written and read; the Triton
     kernel turns an out-of-range label into a NaN loss that is never kept, the reference
@@ -69,10 +89,7 @@ def check_inputs(logits, labels, threshold, label_smoothing, labels_b, lam, redu
     _check_labels("labels", labels, logits)
     if labels_b is not None:
         _check_labels("labels_b", labels_b, logits)
-    if isinstance(threshold, Tensor):
-        _check_scalar_tensor("threshold", threshold, logits.device)
-    elif not _is_number(threshold) or math.isnan(threshold):
-        raise ValueError(f"threshold must be a real number or a 0-d tensor, got {threshold!r}")
+    _check_threshold(threshold, logits)
     if isinstance(lam, Tensor):
         _check_scalar_tensor("lam", lam, logits.device)
     elif not _is_number(lam) or not 0.0 <= lam <= 1.0:
@@ -81,6 +98,20 @@ def check_inputs(logits, labels, threshold, label_smoothing, labels_b, lam, redu
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f'reduction must be "mean" or "sum", got {reduction!r}')
+
+
+def _per_class_threshold(threshold: Tensor, labels: Tensor) -> Tensor:
+    """threshold[labels] as (N,) fp32 from a (C,) tensor and (N,) int64 labels; NaN (never kept)
+    where a label lies outside [0, C).
+
+    The gather index is clamped so that an invalid label fails only where F.cross_entropy
+    fails, with its error, and never wraps around to another class (a negative index would);
+    its ignore_index -100, for which F.cross_entropy gives 0, is then dropped as in Triton.
+    """
+    n_classes = threshold.shape[0]
+    valid = (labels >= 0) & (labels < n_classes)
+    thr = threshold.float()[labels.clamp(0, n_classes - 1)]
+    return torch.where(valid, thr, float("nan"))
 
 
 def reference_masked_cross_entropy(
@@ -96,8 +127,10 @@ def reference_masked_cross_entropy(
     """Per-sample cross-entropy, the keep mask and the masked loss, with PyTorch ops.
 
     logits: (N, C) fp32/fp16/bf16, computed in fp32. labels, labels_b: (N,) int64 in [0, C).
-    threshold: float or 0-d tensor; a sample is kept when its loss is below it (compared in
-    fp32). lam: weight of `labels` when a MixUp/CutMix partner `labels_b` is given.
+    threshold: float, 0-d tensor, or (C,) floating tensor of per-class thresholds; sample i is
+    kept when its loss is below the threshold, or below threshold[labels[i]] (the first label's
+    class, also with a partner), compared in fp32. lam: weight of `labels` when a MixUp/CutMix
+    partner `labels_b` is given.
     Returns MaskedCE(loss 0-d fp32, per_sample (N,) fp32 detached, keep (N,) bool); the loss
     is the kept mean ("mean", 0 when nothing is kept) or the kept sum ("sum").
     """
@@ -109,7 +142,9 @@ def reference_masked_cross_entropy(
         ce_b = F.cross_entropy(x, labels_b, reduction="none", label_smoothing=label_smoothing)
         ce = w * ce + (1 - w) * ce_b
     per_sample = ce.detach()
-    if isinstance(threshold, Tensor):
+    if isinstance(threshold, Tensor) and threshold.dim() == 1:
+        thr = _per_class_threshold(threshold, labels)
+    elif isinstance(threshold, Tensor):
         thr = threshold.float()
     else:  # a fill on the device, not a host-to-device copy (which could synchronise)
         thr = torch.full((), threshold, dtype=torch.float32, device=logits.device)

@@ -55,6 +55,21 @@ def _mid_threshold(per_sample):
     return (s[k] + s[k + 1]) / 2
 
 
+def _class_thresholds(per_sample, n_classes, seed=0):
+    """A (C,) fp32 threshold per class drawn from inf, 0, above every loss and the midpoints
+    of the widest gap in each quarter of the sorted losses: classes that keep all, none or
+    some, and no loss within rounding of its threshold (the implementations differ by ulps)."""
+    s = per_sample.sort().values
+    values = [math.inf, 0.0] + ([s[-1].item() + 1.0] if s.numel() else [])
+    for part in s.tensor_split(4):
+        if part.numel() >= 2:
+            i = part.diff().argmax()
+            values.append(((part[i] + part[i + 1]) / 2).item())
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(values), (n_classes,), generator=g)
+    return torch.tensor(values)[pick].to(per_sample.device)
+
+
 def _run(fn, logits, labels, threshold, upstream=UPSTREAM, **kw):
     """Loss, per-sample loss, keep mask and d(upstream * loss)/d logits."""
     x = logits.clone().requires_grad_(True)
@@ -73,12 +88,16 @@ def _assert_same(logits, labels, threshold, **kw):
     assert torch.equal(a.keep, b.keep)
     torch.testing.assert_close(a.loss, b.loss, **LOSS_TOL)
     torch.testing.assert_close(ga, gb, **GRAD_TOL[logits.dtype])
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:  # the contract itself
+        assert torch.equal(a.keep, b.per_sample < threshold.float()[labels])
     return a, ga
 
 
 SHAPES = [(1, 100), (37, 10), (130, 100), (600, 100), (5, 1), (4, 2), (9, 1000), (3, 32000)]
-# (label_smoothing, lam, reduction); lam None: no partner, "t": a 0-d tensor lam.
-VARIANTS = [(0.0, None, "mean"), (0.1, None, "sum"), (0.0, 0.3, "mean"), (0.1, "t", "sum")]
+# (label_smoothing, lam, reduction, threshold); lam None: no partner, "t": a 0-d tensor lam;
+# threshold "mid": one 0-d tensor for all rows, "class": a (C,) tensor of per-class thresholds.
+VARIANTS = [(0.0, None, "mean", "mid"), (0.1, None, "sum", "mid"), (0.0, 0.3, "mean", "mid"),
+            (0.1, "t", "sum", "mid"), (0.1, 0.3, "sum", "class"), (0.0, "t", "mean", "class")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,15 +105,17 @@ VARIANTS = [(0.0, None, "mean"), (0.1, None, "sum"), (0.0, 0.3, "mean"), (0.1, "
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_matches_reference(dtype, shape, variant):
     """Odd N (1, not a multiple of the row tile; fused and split reductions) and C (1, 2, 1000,
-    32000: the column-looping kernel), every dtype, smoothing, partner labels, both reductions."""
-    smoothing, lam, reduction = variant
+    32000: the column-looping kernel), every dtype, smoothing, partner labels, both reductions,
+    one threshold or per-class thresholds (indexed by the first label, also with a partner)."""
+    smoothing, lam, reduction, thr_kind = variant
     logits, labels, labels_b = _inputs(*shape, dtype)
     kw = dict(label_smoothing=smoothing, reduction=reduction)
     if lam is not None:
         kw.update(labels_b=labels_b,
                   lam=torch.tensor(0.3, device=DEVICE) if lam == "t" else lam)
     ref = reference_masked_cross_entropy(logits, labels, math.inf, **kw).per_sample
-    _assert_same(logits, labels, _mid_threshold(ref), **kw)
+    thr = _mid_threshold(ref) if thr_kind == "mid" else _class_thresholds(ref, shape[1])
+    _assert_same(logits, labels, thr, **kw)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
@@ -125,6 +146,56 @@ def test_thresholds(reduction):
     _assert_same(logits, labels, _mid_threshold(full.per_sample), reduction=reduction)
 
 
+def _tie_and_split(per_sample, ref_per_sample, labels, n_classes):
+    """(C,) fp32 thresholds: class 0 inf, 1 zero, 2 -inf, 3 exactly one of its losses (a row
+    where both implementations agree bitwise, so the tie is the same tie), every other class
+    the midpoint of two neighbouring losses in its middle. Returns (thresholds, tied row)."""
+    thr = torch.empty(n_classes, device=per_sample.device)
+    thr[:3] = torch.tensor([math.inf, 0.0, -math.inf])
+    same = ((per_sample == ref_per_sample) & (labels == 3)).nonzero()
+    assert same.numel(), "no class-3 row with bitwise-equal losses to tie on"
+    tied = same[0, 0]
+    thr[3] = per_sample[tied]
+    for k in range(4, n_classes):
+        s = per_sample[labels == k].sort().values
+        assert s.numel() >= 2, f"class {k} needs two rows to be split"
+        mid = (s.numel() - 1) // 2
+        thr[k] = (s[mid] + s[mid + 1]) / 2
+    return thr, tied
+
+
+@pytest.mark.parametrize("kernel,reduction", [("tile", "mean"), ("tile", "sum"), ("loop", "mean")])
+def test_per_class_thresholds(monkeypatch, kernel, reduction):
+    """(C,) thresholds, each row against its own (first) label's class: inf keeps a class, 0
+    and -inf drop it, a tie drops its row, a midpoint splits its class; the partner's class is
+    not used; fp64 / fp16 thresholds compare in fp32; nothing kept gives loss and grad 0, not
+    NaN. "loop": the wide-row kernel, forced by 4-column blocks over C = 6 (fewer, smaller
+    cases: the interpreter runs its one-row programs slowly)."""
+    n, c = (60, 10) if kernel == "tile" else (24, 6)
+    if kernel == "loop":
+        monkeypatch.setattr(mce, "MAX_BLOCK_C", 4)
+    logits, labels, labels_b = _inputs(n, c, torch.float32)
+    for kw in (dict(reduction=reduction),
+               dict(reduction=reduction, labels_b=labels_b, lam=0.3, label_smoothing=0.1)):
+        full, _ = _assert_same(logits, labels, math.inf, **kw)
+        ref = reference_masked_cross_entropy(logits, labels, math.inf, **kw).per_sample
+        thr, tied = _tie_and_split(full.per_sample, ref, labels, c)
+        for t in (thr, thr.double(), thr.half())[:1 if kernel == "loop" else 3]:
+            out, grad = _assert_same(logits, labels, t, **kw)
+            assert torch.equal(out.keep, full.per_sample < t.float()[labels])
+            assert t.dtype == torch.float16 or not out.keep[tied]  # fp16 rounds the tie away
+            assert out.keep[labels == 0].all() and not out.keep[(labels == 1) | (labels == 2)].any()
+            split = labels >= 4
+            assert 0 < out.keep[split].sum() < split.sum()
+            assert not grad[~out.keep].any() and grad[out.keep].abs().sum(1).gt(0).all()
+        if "labels_b" in kw:  # the test tells the first label's class from the partner's
+            assert not torch.equal(out.keep, full.per_sample < thr[labels_b])
+        nothing = [torch.zeros(c, device=DEVICE), torch.full((c,), -math.inf, device=DEVICE)]
+        for t in nothing[:1 if kernel == "loop" else 2]:
+            none, grad = _assert_same(logits, labels, t, **kw)
+            assert not none.keep.any() and none.loss.item() == 0.0 and not grad.any()
+
+
 @pytest.mark.parametrize("dtype,big", [(torch.float32, 1e4), (torch.bfloat16, 1e4),
                                        (torch.float16, 6e4)], ids=str)
 def test_extreme_logits(dtype, big):
@@ -141,23 +212,38 @@ def test_extreme_logits(dtype, big):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_f_cross_entropy(dtype):
-    """Against torch's own per-sample CE in the logits' dtype, with a partner and smoothing."""
+    """Against torch's own per-sample CE in the logits' dtype, with a partner and smoothing;
+    with one threshold and with per-class thresholds (masked mean and its gradient)."""
     logits, labels, labels_b = _inputs(64, 100, dtype)
     lam = 0.3
+    kw = dict(labels_b=labels_b, lam=lam, label_smoothing=0.1)
+
+    def native_ce(x):
+        return lam * F.cross_entropy(x, labels, reduction="none", label_smoothing=0.1) + \
+            (1 - lam) * F.cross_entropy(x, labels_b, reduction="none", label_smoothing=0.1)
+
     x = logits.clone().requires_grad_(True)
-    ce = lam * F.cross_entropy(x, labels, reduction="none", label_smoothing=0.1) + \
-        (1 - lam) * F.cross_entropy(x, labels_b, reduction="none", label_smoothing=0.1)
+    ce = native_ce(x)
     (ce.float().mean() * UPSTREAM).backward()
-    out, grad = _run(triton_masked_cross_entropy, logits, labels, math.inf,
-                     labels_b=labels_b, lam=lam, label_smoothing=0.1)
+    out, grad = _run(triton_masked_cross_entropy, logits, labels, math.inf, **kw)
     torch.testing.assert_close(out.per_sample, ce.detach().float(), **NATIVE_TOL[dtype])
     torch.testing.assert_close(out.loss, ce.detach().float().mean(), **NATIVE_TOL[dtype])
     torch.testing.assert_close(grad, x.grad, **NATIVE_TOL[dtype])
+    ce = ce.detach().float()
     thr = _mid_threshold(out.per_sample)
-    clear = (ce.detach().float() - thr).abs() > 0.1  # rows whose keep rounding cannot flip
-    keep = triton_masked_cross_entropy(logits, labels, thr, labels_b=labels_b, lam=lam,
-                                       label_smoothing=0.1).keep
-    assert torch.equal(keep[clear], (ce.detach().float() < thr)[clear])
+    clear = (ce - thr).abs() > 0.1  # rows whose keep rounding cannot flip
+    keep = triton_masked_cross_entropy(logits, labels, thr, **kw).keep
+    assert torch.equal(keep[clear], (ce < thr)[clear])
+    per_class = _class_thresholds(out.per_sample, 100, seed=1)
+    out, grad = _run(triton_masked_cross_entropy, logits, labels, per_class, **kw)
+    thr = per_class[labels]
+    clear = (ce - thr).abs() > 0.1
+    assert torch.equal(out.keep[clear], (ce < thr)[clear]) and 0 < out.keep.sum() < 64
+    x = logits.clone().requires_grad_(True)
+    kept_mean = torch.where(out.keep, native_ce(x).float(), 0.0).sum() / out.keep.sum()
+    (kept_mean * UPSTREAM).backward()
+    torch.testing.assert_close(out.loss, kept_mean.detach(), **NATIVE_TOL[dtype])
+    torch.testing.assert_close(grad, x.grad, **NATIVE_TOL[dtype])
 
 
 def test_accuracy_against_float64():
@@ -212,13 +298,45 @@ def test_empty_batch():
     assert out.loss.item() == 0.0 and grad.shape == (0, 10)
 
 
-def test_invalid_label_is_nan_and_dropped():
-    """Label range is the caller's duty; the kernel never reads out of bounds for one."""
-    logits, labels, _ = _inputs(8, 10, torch.float32)
+@pytest.mark.parametrize("kernel", ["tile", "loop"])
+@pytest.mark.parametrize("thr_kind", ["scalar", "class"])
+def test_invalid_label_is_nan_and_dropped(monkeypatch, kernel, thr_kind):
+    """Label range is the caller's duty; the kernel never reads out of bounds for one. Per-class:
+    labels +-2**31 would address the threshold 8 GiB away (a crash) if its load were unmasked."""
+    if kernel == "loop":
+        monkeypatch.setattr(mce, "MAX_BLOCK_C", 8)
+    logits, labels, labels_b = _inputs(8, 10, torch.float32)
     labels[2], labels[5] = 10, -1
-    out, grad = _run(triton_masked_cross_entropy, logits, labels, math.inf)
-    assert out.per_sample[[2, 5]].isnan().all() and out.per_sample[[0, 1, 3, 4, 6, 7]].isfinite().all()
-    assert out.keep.sum() == 6 and out.loss.isfinite() and not grad[[2, 5]].any()
+    if thr_kind == "class":
+        labels[6], labels[7] = 2**31 - 1, -2**31
+    thr = torch.full((10,), math.inf, device=DEVICE) if thr_kind == "class" else math.inf
+    bad = labels.lt(0) | labels.ge(10)
+    out, grad = _run(triton_masked_cross_entropy, logits, labels, thr)
+    assert out.per_sample[bad].isnan().all() and out.per_sample[~bad].isfinite().all()
+    assert torch.equal(out.keep, ~bad) and out.loss.isfinite() and not grad[bad].any()
+    labels_b[0] = 12  # an invalid partner drops its row too
+    out, grad = _run(triton_masked_cross_entropy, logits, labels, thr, labels_b=labels_b, lam=0.3)
+    bad[0] = True
+    assert out.per_sample[bad].isnan().all() and torch.equal(out.keep, ~bad)
+    assert out.loss.isfinite() and not grad[bad].any()
+
+
+def test_reference_invalid_labels_per_class():
+    """The reference's per-class gather never fails first: an invalid label raises what
+    F.cross_entropy raises, and its ignore_index (-100, loss 0) is dropped, as in Triton."""
+    logits, labels, _ = _inputs(8, 10, torch.float32)
+    thr = torch.full((10,), math.inf, device=DEVICE)
+    cpu_logits, cpu_labels = logits.cpu(), labels.cpu()  # CUDA would assert, not raise
+    for bad in (10, -1, -5):
+        cpu_labels[2] = bad
+        with pytest.raises(Exception) as want:
+            F.cross_entropy(cpu_logits, cpu_labels, reduction="none")
+        with pytest.raises(want.type):
+            reference_masked_cross_entropy(cpu_logits, cpu_labels, thr.cpu())
+    labels[2] = -100
+    ref = reference_masked_cross_entropy(logits, labels, thr)
+    tri = triton_masked_cross_entropy(logits, labels, thr)
+    assert ref.per_sample[2] == 0 and not ref.keep[2] and torch.equal(ref.keep, tri.keep)
 
 
 def test_dispatch(monkeypatch):
@@ -252,7 +370,12 @@ BAD_INPUTS = [
     (dict(labels=torch.zeros(4, dtype=torch.int32)), "int64"),
     (dict(labels=torch.zeros(4, dtype=torch.int64, device="meta")), "on meta"),
     (dict(labels_b=torch.zeros(4, 1, dtype=torch.int64)), "labels_b"),
-    (dict(threshold=torch.zeros(1)), "0-d"),
+    (dict(threshold=torch.zeros(2)), r"one entry per class: shape \(3,\), got \(2,\)"),
+    (dict(threshold=torch.zeros(1)), "one entry per class"),
+    (dict(threshold=torch.zeros(3, 1)), r"0-d or \(3,\) floating tensor"),
+    (dict(threshold=torch.zeros(3, dtype=torch.int64)), "floating tensor, got shape"),
+    (dict(threshold=torch.tensor(2)), "floating tensor"),
+    (dict(threshold=torch.zeros(3, device="meta")), "threshold is on meta"),
     (dict(threshold=math.nan), "threshold"),
     (dict(threshold="2"), "threshold"),
     (dict(lam=1.5), "lam"),
@@ -274,18 +397,22 @@ def test_input_checks(fn, bad, match):
         fn(args.pop("logits"), args.pop("labels"), args.pop("threshold"), **args)
 
 
-def test_custom_op_registration():
-    """Schema, fake (meta) implementation and autograd registration of the compiled path."""
+@pytest.mark.parametrize("thr_kind", ["0-d", "class"])
+def test_custom_op_registration(thr_kind):
+    """Schema, fake (meta) implementation and autograd registration of the compiled path,
+    with a 0-d and a (C,) threshold tensor."""
     logits, labels, labels_b = _inputs(6, 10, torch.float32)
-    thr, lam = torch.tensor(3.0, device=DEVICE), torch.tensor(0.3, device=DEVICE)
+    thr = torch.tensor(3.0) if thr_kind == "0-d" else torch.linspace(1.0, 5.0, 10)
+    thr, lam = thr.to(DEVICE), torch.tensor(0.3, device=DEVICE)
     args = (logits.requires_grad_(True), labels, labels_b, thr, 0.0, lam, 0.0, 0.1, True, True)
     torch.library.opcheck(mce.masked_ce_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_tiny_model_compiles_without_graph_breaks():
+@pytest.mark.parametrize("thr_kind", ["0-d", "class"])
+def test_tiny_model_compiles_without_graph_breaks(thr_kind):
     """torch.compile(fullgraph=True) of a model using the loss matches eager, and a new
-    threshold or lam (0-d tensors) reuses the compiled graph."""
+    threshold (a 0-d or a (C,) tensor) or lam (0-d) reuses the compiled graph."""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -302,7 +429,9 @@ def test_tiny_model_compiles_without_graph_breaks():
     compiled = torch.compile(forward, backend=counter, fullgraph=True)
     start = time.perf_counter()
     for thr, lam in ((2.5, 0.3), (2.2, 0.7)):
-        thr, lam = torch.tensor(thr, device=DEVICE), torch.tensor(lam, device=DEVICE)
+        # (C,): different values per class around thr, all changed between the two steps.
+        thr = torch.tensor(thr) if thr_kind == "0-d" else thr + torch.linspace(-0.6, 0.6, 10)
+        thr, lam = thr.to(DEVICE), torch.tensor(lam, device=DEVICE)
         results = []
         for fn in (forward, compiled):
             model.zero_grad()
