@@ -169,8 +169,9 @@ def test_per_class_thresholds(monkeypatch, kernel, reduction):
     """(C,) thresholds, each row against its own (first) label's class: inf keeps a class, 0
     and -inf drop it, a tie drops its row, a midpoint splits its class; the partner's class is
     not used; fp64 / fp16 thresholds compare in fp32, a strided one reads the right entries;
-    nothing kept gives loss and grad 0, not NaN. "loop": the wide-row kernel, forced by 4-column blocks over C = 6 (fewer, smaller
-    cases: the interpreter runs its one-row programs slowly)."""
+    nothing kept gives loss and grad 0, not NaN. "loop": the wide-row kernel, forced by
+    4-column blocks over C = 6 (fewer, smaller cases: the interpreter runs one-row programs
+    slowly)."""
     n, c = (60, 10) if kernel == "tile" else (24, 6)
     if kernel == "loop":
         monkeypatch.setattr(mce, "MAX_BLOCK_C", 4)
