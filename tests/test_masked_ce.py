@@ -168,9 +168,10 @@ def _tie_and_split(per_sample, ref_per_sample, labels, n_classes):
 def test_per_class_thresholds(monkeypatch, kernel, reduction):
     """(C,) thresholds, each row against its own (first) label's class: inf keeps a class, 0
     and -inf drop it, a tie drops its row, a midpoint splits its class; the partner's class is
-    not used; fp64 / fp16 thresholds compare in fp32; nothing kept gives loss and grad 0, not
-    NaN. "loop": the wide-row kernel, forced by 4-column blocks over C = 6 (fewer, smaller
-    cases: the interpreter runs its one-row programs slowly)."""
+    not used; fp64 / fp16 thresholds compare in fp32, a strided one reads the right entries;
+    nothing kept gives loss and grad 0, not NaN. "loop": the wide-row kernel, forced by
+    4-column blocks over C = 6 (fewer, smaller cases: the interpreter runs one-row programs
+    slowly)."""
     n, c = (60, 10) if kernel == "tile" else (24, 6)
     if kernel == "loop":
         monkeypatch.setattr(mce, "MAX_BLOCK_C", 4)
@@ -180,7 +181,8 @@ def test_per_class_thresholds(monkeypatch, kernel, reduction):
         full, _ = _assert_same(logits, labels, math.inf, **kw)
         ref = reference_masked_cross_entropy(logits, labels, math.inf, **kw).per_sample
         thr, tied = _tie_and_split(full.per_sample, ref, labels, c)
-        for t in (thr, thr.double(), thr.half())[:1 if kernel == "loop" else 3]:
+        strided = torch.stack([thr, -thr], 1)[:, 0]  # a (C,) view with stride 2
+        for t in (thr, thr.double(), thr.half(), strided)[:1 if kernel == "loop" else 4]:
             out, grad = _assert_same(logits, labels, t, **kw)
             assert torch.equal(out.keep, full.per_sample < t.float()[labels])
             assert t.dtype == torch.float16 or not out.keep[tied]  # fp16 rounds the tie away
