@@ -50,7 +50,7 @@ class Engine:
             if mixing.mixing_enabled(a) else None)
         self.ctx = StepContext(cfg, model, optimizer, scaler, precision, device, dist, aug, state,
                                EpochStats(num_samples, device), ladder, CompileStats(),
-                               capture or (CudaGraphCapture(device) if device.type == "cuda" else None))
+                               capture or (CudaGraphCapture(device) if modes[0].name == "graphs" else None))
         self.eval_logits = ev.EvalLogits(self.ctx, cfg.train.test_batch_size, self.image_shape)
         self._phase_key: tuple | None = None
         self.full = self.features = self.head = None

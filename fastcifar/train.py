@@ -15,7 +15,8 @@ import torch
 
 from . import report
 from .console import progress
-from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, set_rng_state
+from .checkpoint_writer import CheckpointWriter, remove_stale_temporaries
 from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse_overrides, to_dict
 from .data import open_split, read_meta
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
@@ -96,6 +97,8 @@ class Run:
                              self.schedule, self.noisy, self.known, num_samples=self.loaders.num_train,
                              image_shape=train.image_shape, max_steps=train.num_batches())
         self.metrics = report.MetricsLog(run_dir)
+        self.writer = CheckpointWriter(device)
+        remove_stale_temporaries(run_dir / "checkpoints")  # what a write killed mid-way left
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.best_state: dict | None = None
 
@@ -106,14 +109,16 @@ class Run:
             return
         ckpt_dir = self.run_dir / "checkpoints"
         common = {"config": to_dict(self.cfg), "commit": git_commit()}
+        files = []
         if self.best_state is not None:
-            save_checkpoint(ckpt_dir / "best.pt", {"model": self.best_state, "epoch": self.best_epoch,
-                                                   "val_acc": self.best_acc, **common})
-            self.best_state = None  # on disk now; keep no second copy
-        save_checkpoint(ckpt_dir / "last.pt", {
+            files.append((ckpt_dir / "best.pt", {"model": self.best_state, "epoch": self.best_epoch,
+                                                 "val_acc": self.best_acc, **common}))
+            self.best_state = None  # copied to host memory by the writer; keep no second copy
+        files.append((ckpt_dir / "last.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": epoch, "best_acc": self.best_acc,
-            "best_epoch": self.best_epoch, "rng": rng_state(), **common})
+            "best_epoch": self.best_epoch, "rng": rng_state(), **common}))
+        self.writer.save(files)  # written and fsynced in the background, renamed into place atomically
 
     def restore(self) -> None:
         state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt")
@@ -194,6 +199,7 @@ class Run:
         last = self.engine.evaluate(self.loaders.test.epoch(0))
         last_tta = self.engine.evaluate(self.loaders.test.epoch(0), tta=True) if tta else {}
         best_path = self.run_dir / "checkpoints" / "best.pt"
+        self.writer.wait()
         barrier(self.dist)
         self.model.load_state_dict(load_checkpoint(best_path)["model"])
         best = self.engine.evaluate(self.loaders.test.epoch(0))
@@ -204,6 +210,7 @@ class Run:
             "epochs": self.cfg.train.epochs, "total_seconds": seconds, "world_size": self.dist.world_size,
             "device": device_name(self.device),
             "commit": git_commit(), **self.engine.report(),
+            "checkpoint_blocking_seconds": round(self.writer.blocking_seconds, 3),
         }
         self._write_predictions()
         if self.dist.is_main:

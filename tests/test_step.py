@@ -1,0 +1,160 @@
+"""The training step's modes on the CPU: the graph path (with a checking stand-in for CUDA-graph
+capture), the fall-back from one mode to the next, and the phase optimizer."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcifar import engine, step, train
+from fastcifar.config import OptimConfig, build_config
+from fastcifar.graphs import EAGER, Mode, ModeLadder
+from fastcifar.model import build_model
+from fastcifar.optim import PhaseSGD
+from fastcifar.rundir import prepare_run_dir
+from graph_check import CheckedCapture, GraphUnsafe
+from test_train import digits  # noqa: F401  (the session's digits .beton files)
+
+# Every phase boundary in four short epochs: head (0), full (1), full+filter (2, 3).
+SHORT = {"train.epochs": 4, "filter.start_epoch": 2, "run.max_steps_per_epoch": 5, "train.frozen_chunk": 64}
+
+
+def short_cfg(data_dir: Path, **extra):
+    flat = {"data.dir": str(data_dir), "run.device": "cpu", **{k: str(v) for k, v in {**SHORT, **extra}.items()}}
+    return build_config("smoke", flat)
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(cfg, run_dir: Path) -> dict:
+    return train.run_training(cfg, prepare_run_dir(cfg, str(run_dir), "smoke"))
+
+
+def force_modes(mp, modes, capture=None, compiler=None):
+    """Make the engine try `modes` (on the CPU), capture with `capture`, compile with `compiler`."""
+    mp.setattr(engine, "plan_modes", lambda *a, **k: (list(modes), []))
+    if capture is not None:
+        mp.setattr(engine, "CudaGraphCapture", lambda device: capture)
+    if compiler is not None:
+        mp.setattr(step, "compile_fn", compiler)
+
+
+def no_compile(fn, name, mode, stats):
+    """A stand-in for torch.compile: the function itself (the tests here are about the step, not inductor)."""
+    return fn
+
+
+@pytest.fixture(scope="module")
+def eager_run(digits, tmp_path_factory):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("eager") / "run"
+    summary = run(short_cfg(digits), run_dir)
+    return summary, records_of(run_dir)
+
+
+def test_the_graph_path_replays_static_steps_with_eager_results(digits, eager_run, tmp_path):  # noqa: F811
+    """Captured steps (here: checked replays on the CPU) give the eager run's numbers exactly."""
+    capture = CheckedCapture()
+    with pytest.MonkeyPatch.context() as mp:
+        force_modes(mp, [Mode("graphs"), Mode("compiled"), EAGER], capture, no_compile)
+        summary = run(short_cfg(digits), tmp_path / "graphs")
+    assert summary["step_mode"].startswith("graphs") and summary["mode_fallbacks"] == []
+    # frozen features, head step, full step, evaluation: each captured once, then replayed
+    assert len(capture.captured) == 4 and capture.replays > 4 * 3
+    for ours, eager in zip(records_of(tmp_path / "graphs"), eager_run[1], strict=True):
+        for key in ("train_loss", "val_acc", "kept_fraction", "lr", "threshold", "noisy_precision"):
+            assert ours[key] == eager[key], (ours["epoch"], key)
+    assert summary["best_acc_tta"] == eager_run[0]["best_acc_tta"]
+
+
+def test_the_capture_check_catches_host_values_and_host_reads():
+    capture, t = CheckedCapture(), torch.zeros(3)
+    lr = [0.1]
+    replay = capture.capture(lambda: t.add_(1.0, alpha=lr[0]))
+    replay()
+    replay()  # the same float: fine
+    lr[0] = 0.2
+    with pytest.raises(GraphUnsafe, match="differs from the capture"):
+        replay()  # a graph would still add 0.1
+    with pytest.raises(GraphUnsafe, match="reads a device value on the host"):
+        capture.capture(lambda: t.sum().item())()
+
+
+class FailingCapture(CheckedCapture):
+    def capture(self, body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def failing_compiler(fn, name, mode, stats):
+    def compiled(*args):
+        raise RuntimeError("inductor: simulated compile failure")
+    return compiled
+
+
+@pytest.mark.parametrize("case", ["capture-fails", "compile-fails", "both-fail"])
+def test_a_mode_that_fails_steps_down_with_one_warning(digits, eager_run, tmp_path, capsys, case):  # noqa: F811
+    capture = FailingCapture() if case != "compile-fails" else CheckedCapture()
+    compiler = failing_compiler if case != "capture-fails" else no_compile
+    modes = [Mode("graphs"), Mode("compiled"), EAGER] if case != "compile-fails" else [Mode("compiled"), EAGER]
+    with pytest.MonkeyPatch.context() as mp:
+        force_modes(mp, modes, capture, compiler)
+        summary = run(short_cfg(digits), tmp_path / case)
+    expected = {"capture-fails": [("graphs", "compiled")], "compile-fails": [("compiled", "eager")],
+                "both-fail": [("graphs", "compiled"), ("compiled", "eager")]}[case]
+    # graphs fail at capture, after warm-up steps that compiled fine; a failing compile fails at once
+    assert [(f["from"], f["to"]) for f in summary["mode_fallbacks"]] == expected
+    assert summary["step_mode"].split()[0] == expected[-1][1]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == len(expected) and "falling back to" in warnings[0]
+    # nothing was counted twice or lost: the run is the eager run, number for number
+    for ours, eager in zip(records_of(tmp_path / case), eager_run[1], strict=True):
+        assert ours["train_loss"] == eager["train_loss"] and ours["val_acc"] == eager["val_acc"]
+
+
+def test_the_mode_ladder_gives_up_only_on_its_last_mode():
+    ladder, lines = ModeLadder([Mode("compiled"), EAGER], log=lambda line: None), []
+
+    def call(mode):
+        lines.append(mode.name)
+        raise ValueError("broken step")
+
+    with pytest.raises(ValueError, match="broken step"):
+        ladder.guard("x", call, lambda mode: True)
+    assert lines == ["compiled", "eager"] and ladder.mode is EAGER
+
+
+def test_phase_sgd_equals_one_sgd_over_the_model(tmp_path):
+    """Head-only steps, then everything, with the momentum carried over: as torch's SGD over all
+    parameters with the frozen ones left without gradients (what the trainer did before)."""
+    cfg = OptimConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    ours, ref = (build_model(build_config("smoke").model) for _ in range(2))
+    ref.load_state_dict(ours.state_dict())
+    phase = PhaseSGD(ours, cfg, torch.device("cpu"))
+    sgd = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(0)
+    for step_no in range(6):
+        frozen = step_no < 3
+        if step_no in (0, 3):
+            phase.enter(ours.head.parameters() if frozen else ours.parameters())
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        for model in (ours, ref):
+            model.eval()  # no dropout: the two models must see the same function
+            with torch.no_grad() if frozen else torch.enable_grad():
+                feats = model.features(x)
+            model.head(feats).logsumexp(1).mean().backward()
+        phase.lr.fill_(cfg.lr * (1 - step_no / 10))
+        for group in sgd.param_groups:
+            group["lr"] = cfg.lr * (1 - step_no / 10)
+        phase.sgd.step()
+        sgd.step()
+        phase.zero_grad()
+        sgd.zero_grad(set_to_none=True)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    saved = phase.state_dict()["momentum"]
+    assert set(saved) == {n for n, _ in ours.named_parameters()}
+    assert all(math.isfinite(float(v.abs().sum())) for v in saved.values())
