@@ -65,9 +65,10 @@ def thresholds_in(mode, sel, loss, labels):
     return refreshed(sel)
 
 
-def selector(kind, num_classes, fraction=0.6):
+def selector(kind, num_classes, fraction=0.6, **overrides):
     """class_quantile with `fraction`; the others with the default (they reject a fraction)."""
-    return Selector(kind, num_classes, "cpu", keep_fraction=fraction if kind == "class_quantile" else 0.0, **SMALL)
+    return Selector(kind, num_classes, "cpu", keep_fraction=fraction if kind == "class_quantile" else 0.0,
+                    **{**SMALL, **overrides})
 
 
 def kept_per_class(loss, labels, thr, num_classes):
@@ -143,15 +144,15 @@ def test_gmm_recovers_a_clear_two_mode_mixture_and_keeps_the_low_mode(mode):
 def test_noise_rate_estimate_on_known_mixtures(rate, kind, confusion):
     loss, probs, labels, noisy = noisy_probs(10, 300, rate, kind, confusion, seed=4)
     true = float(noisy.float().mean())
-    sel = Selector("threshold", 10, "cpu", **SMALL)
+    sel = selector("threshold", 10, em_iters=8)  # probabilities given: the mixture is not used
     sel.from_losses(loss, labels, BASE, probs=probs)
     assert abs(float(sel.noise_rate()) - true) < 0.03
     per_class_true = torch.zeros(10).scatter_add_(0, labels, noisy.float()) / counts(labels, 10)
     assert (sel.class_noise - per_class_true).abs().max() < 0.06
     # Batch mode: the first epoch counts against plain argmax, the second against its thresholds.
-    batch = Selector("threshold", 10, "cpu", **SMALL)
+    batch = selector("threshold", 10, em_iters=8)
     for _ in range(2):
-        observe_all(batch, loss, labels, probs)
+        observe_all(batch, loss, labels, probs, batch=500)
         refreshed(batch)
         assert abs(float(batch.noise_rate()) - true) < 0.03
 
@@ -268,7 +269,7 @@ def _batch(seed, with_nan=False, num_classes=5, size=32):
 def test_observe_and_refresh_never_sync_and_keep_static_shapes(kind):
     traces = []
     for seed in (0, 1):
-        sel, thr = selector(kind, 5), torch.zeros(5)
+        sel, thr = selector(kind, 5, em_iters=4), torch.zeros(5)  # the trace grows with iterations
         # Other values, and in the second run a non-finite loss: a data-dependent shape would show.
         batches = [_batch(seed * 10 + step, with_nan=seed == 1) for step in range(3)]
         with _NoSync() as mode:
@@ -295,7 +296,7 @@ def test_observe_and_refresh_run_on_fake_cuda_tensors():
 def test_observe_and_refresh_trace_as_one_graph():
     """fullgraph=True fails on any graph break (a sync, a data-dependent branch); the eager backend
     only traces, so this costs seconds, not a compile."""
-    eager, traced = (Selector("class_quantile", 5, "cpu", **SMALL) for _ in range(2))
+    eager, traced = selector("class_quantile", 5, em_iters=4), selector("class_quantile", 5, em_iters=4)
     observe = torch.compile(traced.observe, fullgraph=True, backend="eager")
     refresh = torch.compile(traced.refresh, fullgraph=True, backend="eager")
     for step in range(3):
