@@ -82,6 +82,8 @@ class FilterConfig:
     threshold: float = 2.0  # nats, at start_epoch
     decay: float = 0.995  # threshold multiplier per epoch after start_epoch
     min_kept_fraction: float = 0.1  # guard: never keep fewer than this share of a batch/epoch
+    selector: str = "threshold"  # threshold (absolute, the paper's) | class_quantile | gmm (per class)
+    keep_fraction: float = 0.0  # class_quantile's kept share per class, in (0, 1]; 0 = 1 - estimated noise
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ _CHOICES = {
     ("model", "amp"): ("auto", "bf16", "fp16", "off"),
     ("augment", "erasing_value"): ("zero", "random"),
     ("filter", "mode"): ("batch", "epoch"),
+    ("filter", "selector"): ("threshold", "class_quantile", "gmm"),
     ("run", "device"): ("auto", "cpu", "cuda"),
 }
 
@@ -231,6 +234,9 @@ def validate(cfg: Config) -> None:
         (0 < f.decay <= 1, "filter.decay must be in (0, 1]"),
         (0 <= f.min_kept_fraction <= 1, "filter.min_kept_fraction must be in [0, 1]"),
         (f.start_epoch >= 0, "filter.start_epoch must be >= 0"),
+        (0 <= f.keep_fraction <= 1, "filter.keep_fraction must be in (0, 1], or 0 = estimated from the data"),
+        (f.keep_fraction == 0 or f.selector == "class_quantile",
+         "filter.keep_fraction is used by filter.selector=class_quantile only; leave it 0"),
         (o.lr > 0 and o.weight_decay >= 0, "optim.lr must be > 0 and optim.weight_decay >= 0"),
         (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
