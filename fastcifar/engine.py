@@ -12,11 +12,13 @@ from . import evaluate as ev
 from . import mixing
 from .augment import TrainAugment, train_key
 from .config import Config
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_sum
+from .filtering import median_threshold
 from .graphs import CompileStats, CudaGraphCapture, ModeLadder, plan_modes
 from .model import NoisyLabelNet, Precision
 from .optim import PhaseSGD
 from .schedule import Phase, Schedule
+from .select import build_selector
 from .stats import EpochStats
 from .step import FrozenFeatures, FullStep, HeadStep, StepContext, StepState
 
@@ -48,8 +50,9 @@ class Engine:
             noise=torch.zeros(aug.noise_length, **f32) if aug.uses_noise else None,
             mix=torch.zeros(max(max_steps, 1), mixing.ROW_WIDTH, dtype=torch.float64, device=device)
             if mixing.mixing_enabled(a) else None)
+        self.selector = build_selector(cfg.filter, cfg.model.num_classes, device)
         self.ctx = StepContext(cfg, model, optimizer, scaler, precision, device, dist, aug, state,
-                               EpochStats(num_samples, device), ladder, CompileStats(),
+                               EpochStats(num_samples, device), ladder, CompileStats(), self.selector,
                                capture or (CudaGraphCapture(device) if modes[0].name == "graphs" else None))
         self.eval_logits = ev.EvalLogits(self.ctx, cfg.train.test_batch_size, self.image_shape)
         self._phase_key: tuple | None = None
@@ -89,7 +92,10 @@ class Engine:
         lrs = [self.schedule.lr(epoch, step, steps) for step in range(steps)]
         s.lr_table[:steps].copy_(torch.tensor(lrs, dtype=torch.float32))
         s.counter.zero_()
-        s.thresholds.fill_(threshold)
+        if math.isinf(threshold) or self.selector.kind == "threshold":
+            s.thresholds.fill_(threshold)
+        else:  # read from the previous epoch's losses at its end (inf for a class not seen yet)
+            s.thresholds.copy_(self.selector.last)
         s.guard.fill_(-math.inf)
         s.aug_key.fill_(train_key(cfg.run.seed, epoch))
         if s.noise is not None:
@@ -122,9 +128,22 @@ class Engine:
         run = self._full_steps if phase.train_backbone else self._frozen_steps
         run(batches, steps_in_epoch, progress)
         out = self.ctx.stats.reduce(self.dist, self.noisy, self.known, filtering)
-        out.update(lr=lrs[-1] if lrs else self.schedule.lr(epoch, 0, 1),
-                   threshold=None if math.isinf(threshold) else threshold)  # JSON has no inf
+        out.update(lr=lrs[-1] if lrs else self.schedule.lr(epoch, 0, 1), threshold=self._logged_threshold(filtering))
+        if self.cfg.filter.mode == "batch":  # the next epoch's class thresholds and noise estimate
+            base = torch.full((), threshold, device=self.ctx.device)
+            self.selector.refresh(torch.empty_like(self.ctx.state.thresholds), base,
+                                  lambda t: all_reduce_sum(t, self.dist))
+            out["noise_rate_est"] = self.noise_rate_est()
         return out
+
+    def _logged_threshold(self, filtering: bool) -> float | None:
+        """The paper's threshold, or the median class threshold; None while not filtering (no inf in JSON)."""
+        return median_threshold(self.ctx.state.thresholds) if filtering else None
+
+    def noise_rate_est(self) -> float | None:
+        """The selector's latest estimate of the share of wrong labels (None before the first)."""
+        value = float(self.selector.noise_rate())
+        return None if math.isnan(value) else value
 
     def _full_steps(self, batches: Iterable, steps: int, progress: Callable[[], None]) -> None:
         for step, batch in enumerate(batches):

@@ -238,33 +238,45 @@ def write_plots(run_dir: str | os.PathLike, records: list[dict]) -> list[Path]:
     ]
 
 
-def write_suspects(run_dir: str | os.PathLike, *, indices, labels, pred, pred_prob, loss, kept,
-                   clean_labels=None) -> Path:
-    """suspects.csv: one row per training sample, the highest loss (most suspicious) first.
+def write_suspects(run_dir: str | os.PathLike, *, indices, labels, pred, pred_prob, loss, kept, evidence=None,
+                   clean_labels=None, class_names=None, paths=None) -> Path:
+    """suspects.csv: one row per training sample, the most suspicious first.
 
     All inputs are (N,) tensors or arrays: indices, labels, pred, clean_labels integer
-    (clean_label -1 = unknown), pred_prob and loss float, kept bool. The clean_label column is
-    written only when some clean label is known (>= 0). Ties in loss are ordered by index.
+    (clean_label -1 = unknown), pred_prob, loss and evidence float, kept bool. Rows are ranked by
+    `evidence` (the selector's: higher = more suspicious), else by loss; ties by loss, then index.
+    class_names (C,) adds given_name and predicted_name; paths (N,) (an ImageFolder's files, by
+    index) adds path; clean_label is written only when some clean label is known (>= 0).
     """
-    cols = {"index": _numpy(indices, "indices").astype(np.int64),
-            "given_label": _numpy(labels, "labels").astype(np.int64),
-            "predicted_label": _numpy(pred, "pred").astype(np.int64),
-            "predicted_prob": _numpy(pred_prob, "pred_prob").astype(np.float64),
-            "loss": _numpy(loss, "loss").astype(np.float64),
-            "kept": _numpy(kept, "kept").astype(bool).astype(np.int64)}
+    labels, pred = _numpy(labels, "labels").astype(np.int64), _numpy(pred, "pred").astype(np.int64)
+    loss = _numpy(loss, "loss").astype(np.float64)
+    cols = {"index": _numpy(indices, "indices").astype(np.int64), "given_label": labels}
+    names = np.asarray(class_names, dtype=object) if class_names is not None else None
+    if names is not None:
+        cols["given_name"] = names[labels]
+    cols["predicted_label"] = pred
+    if names is not None:
+        cols["predicted_name"] = names[pred]
+    cols.update(predicted_prob=_numpy(pred_prob, "pred_prob").astype(np.float64), loss=loss)
+    rank = loss if evidence is None else _numpy(evidence, "evidence").astype(np.float64)
+    if evidence is not None:
+        cols["evidence"] = rank
+    cols["kept"] = _numpy(kept, "kept").astype(bool).astype(np.int64)
     if clean_labels is not None:
         clean = _numpy(clean_labels, "clean_labels").astype(np.int64)
         if (clean >= 0).any():
             cols["clean_label"] = clean
+    if paths is not None:
+        cols["path"] = np.asarray(paths, dtype=object)
     _same_length(**cols)
     if len(np.unique(cols["index"])) != len(cols["index"]):
         raise ValueError("indices must be unique: one row per training sample")
-    order = np.lexsort((cols["index"], -cols["loss"]))  # last key is primary: loss descending
+    order = np.lexsort((cols["index"], -loss, -rank))  # last key is primary: most suspicious first
     path = Path(run_dir) / "suspects.csv"
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(cols)
-        floats = {"predicted_prob", "loss"}
+        floats = {"predicted_prob", "loss", "evidence"}
         table = [[f"{v:.6g}" if k in floats else str(v) for v in cols[k][order].tolist()] for k in cols]
         writer.writerows(zip(*table))
     return path

@@ -29,6 +29,7 @@ from .graphs import CompileStats, Graphed, ModeLadder, Mode, compile_fn
 from .kernels import masked_cross_entropy
 from .model import Precision
 from .optim import PhaseSGD
+from .select import Selector
 from .stats import EpochStats
 
 
@@ -61,6 +62,7 @@ class StepContext:
     stats: EpochStats
     ladder: ModeLadder
     compile_stats: CompileStats
+    selector: Selector  # batch mode: every step's losses go into its per-class statistics
     capture: object  # graphs.CudaGraphCapture (or a test's stand-in)
 
 
@@ -138,6 +140,7 @@ class _Runner:
         s = self.ctx.state
         bound = (s.guard > s.thresholds.index_select(0, labels)).any()
         self.ctx.stats.record(indices, labels, per_sample, keep, logits, bound)
+        self.ctx.selector.observe(per_sample, labels, logits.float().softmax(1))
         frac = self.ctx.cfg.filter.min_kept_fraction
         if frac > 0:  # the next step's floor: this step's k-th smallest loss (over every process)
             losses = all_gather_cat(per_sample, self.ctx.dist)

@@ -21,6 +21,7 @@ from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse
 from .data import open_split, read_meta
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from .engine import Engine
+from .filtering import judge, median_threshold
 from .optim import PhaseSGD
 from .model import ModelError, build_model, count_parameters, resolve_precision
 from .rundir import RunError, prepare_run_dir, resume_config, same_run
@@ -39,6 +40,8 @@ class Loaders:
     score: object  # the training split in order, every sample (filter scoring, reports)
     num_classes: int
     num_train: int
+    class_names: tuple | None = None  # meta.json's, where the source has them
+    paths: tuple | None = None  # the training samples' files (ImageFolder), by index
 
 
 def open_loaders(cfg: Config, device: torch.device, dist: DistInfo) -> Loaders:
@@ -55,7 +58,8 @@ def open_loaders(cfg: Config, device: torch.device, dist: DistInfo) -> Loaders:
                       drop_last=False, **common)
     score = open_split(data_dir / "train.beton", batch_size=cfg.train.test_batch_size, shuffle=False,
                        drop_last=False, **common)
-    return Loaders(train, test, score, meta["num_classes"], train.num_samples)
+    return Loaders(train, test, score, meta["num_classes"], train.num_samples, meta.get("class_names"),
+                   meta.get("train_names"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,21 +167,21 @@ class Run:
             barrier(self.dist)
 
     def _epoch_filter(self, epoch: int):
-        """Score every training sample in eval mode; train this epoch on those under the threshold."""
-        probs, losses = self.engine.score(self.loaders.score.epoch(epoch), self.loaders.num_train,
-                                          self.loaders.num_classes)
-        threshold = self.schedule.threshold(epoch)
-        keep = losses < threshold
-        k = math.ceil(self.cfg.filter.min_kept_fraction * len(losses))
-        guard = int(keep.sum()) < k
-        if guard:  # the kept set would collapse: keep the k lowest losses instead
-            keep = torch.zeros_like(keep)
-            keep[losses.argsort()[:k]] = True
-        out = {"kept_fraction": float(keep.float().mean()), "guard_bound_steps": int(guard),
-               "threshold": threshold}
+        """Score every training sample in eval mode; train this epoch on those the selector keeps."""
+        v = self._verdict(epoch)
+        out = {"kept_fraction": float(v.keep.float().mean()), "guard_bound_steps": int(v.guard_bound),
+               "threshold": median_threshold(v.thresholds), "noise_rate_est": v.noise_rate_est}
         if bool(self.known.any()):
-            out.update(report.noise_detection((~keep).cpu()[self.known], self.noisy[self.known]))
-        return keep.nonzero().flatten().cpu(), out
+            out.update(report.noise_detection((~v.keep).cpu()[self.known], self.noisy[self.known]))
+        return v.keep.nonzero().flatten().cpu(), out
+
+    def _verdict(self, epoch: int, probs=None, losses=None):
+        if probs is None:
+            probs, losses = self.engine.score(self.loaders.score.epoch(epoch), self.loaders.num_train,
+                                              self.loaders.num_classes)
+        labels = self.labels.to(losses.device)
+        return judge(self.engine.selector, losses, labels, probs, self.schedule.threshold(epoch),
+                     self.cfg.filter.min_kept_fraction)
 
     def _log(self, rec: dict, epoch: int, started: float) -> None:
         if not self.dist.is_main:
@@ -222,15 +226,16 @@ class Run:
         """pred_probs.npy and suspects.csv from the best model on the (unaugmented) training split."""
         probs, losses = self.engine.score(self.loaders.score.epoch(0), self.loaders.num_train,
                                           self.loaders.num_classes)
+        verdict = self._verdict(self.cfg.train.epochs - 1, probs, losses)  # the last epoch's rule
         if not self.dist.is_main:
             return
-        threshold = self.schedule.threshold(self.cfg.train.epochs - 1)
         probs, losses = probs.cpu(), losses.cpu()  # rows in index order, like self.labels
         report.write_pred_probs(self.run_dir, probs.numpy())
         conf, pred = probs.max(1)
         report.write_suspects(self.run_dir, indices=torch.arange(len(losses)), labels=self.labels, pred=pred,
-                              pred_prob=conf, loss=losses, kept=losses < threshold,
-                              clean_labels=self.clean_labels)
+                              pred_prob=conf, loss=losses, kept=verdict.keep.cpu(),
+                              evidence=verdict.evidence.cpu(), clean_labels=self.clean_labels,
+                              class_names=self.loaders.class_names, paths=self.loaders.paths)
 
 
 def startup_lines(run: Run) -> list[str]:
