@@ -91,6 +91,25 @@ def test_masked_strategy_gives_the_same_pipeline(monkeypatch):
     assert torch.equal(A.train_augment(x, idx, seed=4, epoch=1, cfg=CFG), grouped)
 
 
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, erasing_value="random", mixup_alpha=0.0)],
+                         ids=["paper", "random-erasing"])
+def test_train_augment_traces_as_one_graph_without_recompiles(cfg):
+    """fullgraph=True, dynamic=False: every constant is made before tracing, the epoch's key and noise
+    are tensors (a new epoch recompiles nothing), and the traced pipeline computes what eager does.
+    aot_eager traces exactly what inductor compiles, without its minutes of C++ codegen on 2 cores."""
+    from torch._dynamo.utils import counters
+
+    plan = A.TrainAugment(cfg, 32, 32, torch.device("cpu"), graph_safe=True)
+    traced = torch.compile(plan.__call__, fullgraph=True, dynamic=False, backend="aot_eager")
+    x, idx = _images(48), torch.arange(100, 148)
+    before = counters["stats"]["unique_graphs"]
+    for epoch in (3, 4):
+        key, noise = torch.tensor(A.train_key(1, epoch)), plan.noise(1, epoch, torch.device("cpu"))
+        torch.testing.assert_close(traced(x, idx, key, noise), plan(x, idx, key, noise), atol=1e-6, rtol=0)
+        assert torch.equal(plan(x, idx, key, noise), A.train_augment(x, idx, seed=1, epoch=epoch, cfg=cfg))
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_shapes_dtypes_and_memory_format():
     x, idx = _images(10), torch.arange(10)
     resized = dataclasses.replace(CFG, image_size=64)

@@ -158,3 +158,24 @@ def test_phase_sgd_equals_one_sgd_over_the_model(tmp_path):
     saved = phase.state_dict()["momentum"]
     assert set(saved) == {n for n, _ in ours.named_parameters()}
     assert all(math.isfinite(float(v.abs().sum())) for v in saved.values())
+
+
+@pytest.mark.slow
+def test_a_compiled_schedule_builds_each_graph_once_and_matches_eager(digits, tmp_path):  # noqa: F811
+    """torch.compile (inductor) on the CPU through train, evaluation, TTA, scoring and every phase
+    boundary, with timm's tiny test ConvNeXt. Dropout 0: inductor draws dropout masks from another
+    random stream than eager PyTorch, so with dropout the two runs would differ by design."""
+    from torch._dynamo.utils import counters
+
+    extra = {"model.name": "test_convnext", "model.dropout": 0, "train.frozen_chunk": 128,
+             "run.max_steps_per_epoch": 3}
+    eager = run(short_cfg(digits, **extra), tmp_path / "eager")
+    before = counters["stats"]["unique_graphs"]
+    compiled = run(short_cfg(digits, **extra, **{"model.compile": "on"}), tmp_path / "compiled")
+    assert compiled["step_mode"].startswith("compiled") and compiled["mode_fallbacks"] == []
+    # one graph per function, built at its first use: a recompile (a shape, a guard) would add one
+    assert compiled["compile_graphs"] == {"frozen features": 1, "head step": 1, "full step": 1, "evaluation": 1}
+    assert counters["stats"]["unique_graphs"] - before == 4 and compiled["compile_seconds"] > 0
+    for ours, ref in zip(records_of(tmp_path / "compiled"), records_of(tmp_path / "eager"), strict=True):
+        assert abs(ours["train_loss"] - ref["train_loss"]) < 1e-3, ours["epoch"]
+    assert abs(compiled["best_acc_tta"] - eager["best_acc_tta"]) <= 1 / 179  # one test image at most
