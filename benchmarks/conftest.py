@@ -224,7 +224,8 @@ class Bench:
         return {"launches_per_step": per_step(counts["cpu_launch_calls"]),
                 "gpu_kernels_per_step": per_step(counts["gpu_kernels"]),
                 "graph_launches_per_step": per_step(counts["graph_launches"]),
-                "launches_source": "torch.profiler: CUDA runtime/driver launch, copy and fill calls"}
+                "launches_source": counts.get("error") or "torch.profiler: CUDA runtime/driver launch, copy and "
+                                                           "fill calls"}
 
     def record(self, *, seconds_per_step: float, images_per_step: int, flops_per_step: int | None = None,
                dtype: torch.dtype | None = None, param_bytes_per_step: int | None = None, **facts) -> dict:

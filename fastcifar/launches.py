@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 from unittest import mock
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ATen's multi_tensor_apply (MultiTensorApply.cuh): a launch whenever a chunk list is full.
@@ -82,7 +83,7 @@ def foreach_launches(numels: list[int], depth: int) -> int:
 
 
 def _tensors(tree) -> Iterator[torch.Tensor]:
-    for leaf in torch.utils._pytree.tree_leaves(tree):
+    for leaf in pytree.tree_leaves(tree):
         if isinstance(leaf, torch.Tensor):
             yield leaf
 
@@ -104,8 +105,7 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func._schema.name.split("::")[-1]
-        namespace = func.namespace
+        namespace, _, name = func._schema.name.rpartition("::")
         if name in _SYNCS and namespace == "aten":
             return self._sync(func, name, args, kwargs)
         out = func(*args, **kwargs)
@@ -115,10 +115,10 @@ class _Counter(TorchDispatchMode):
         elif not any(t.device.type == "cuda" for t in _tensors((args, kwargs, out))):
             self.count.host[key] += 1
         else:
-            self._add(key, self._launches(func, name, namespace, args, kwargs))
+            self._add(key, self._launches(name, namespace, args, kwargs))
         return out
 
-    def _launches(self, func, name, namespace, args, kwargs) -> int:
+    def _launches(self, name, namespace, args, kwargs) -> int:
         if namespace != "aten":
             return self.custom.get(f"{namespace}::{name}", 1)
         if name.startswith(("_foreach_", "_fused_", "_amp_foreach")):
@@ -133,9 +133,12 @@ class _Counter(TorchDispatchMode):
         self.count.launches += n
 
     def _sync(self, func, name, args, kwargs):
-        self.count.syncs += 1
-        self._add(f"aten.{name}", 1)
         x = args[0]
+        if x.device.type == "cuda":
+            self.count.syncs += 1
+            self._add(f"aten.{name}", 1)
+        else:
+            self.count.host[f"aten.{name}"] += 1
         if name == "nonzero":  # the largest answer: every element non-zero
             return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
         return False if x.dtype == torch.bool else 0 if not x.is_floating_point() else 0.0
@@ -347,18 +350,22 @@ def profile_launches(fn: Callable[[], object], calls: int = 1) -> dict:
     """CPU-side launch calls and GPU kernels per call of `fn`, read from torch.profiler.
 
     Returns {"cpu_launch_calls": per call, "gpu_kernels": per call, "graph_launches": per call};
-    on a machine without CUDA the counts are None (the profiler records no CUDA runtime).
+    on a machine without CUDA, or where the profiler fails to start ("error" says why), None.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    none = {"cpu_launch_calls": None, "gpu_kernels": None, "graph_launches": None}
     if not torch.cuda.is_available():
-        return {"cpu_launch_calls": None, "gpu_kernels": None, "graph_launches": None}
+        return none
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = list(prof.events())
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = list(prof.events())
+    except RuntimeError as e:  # a profiler that cannot start (CUPTI) must not cost the measurement
+        return none | {"error": f"{type(e).__name__}: {e}"[:300]}
     launch_calls = [e.name for e in events if is_launch_call(e.name)]
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     return {"cpu_launch_calls": len(launch_calls) / calls, "gpu_kernels": len(kernels) / calls,

@@ -27,6 +27,7 @@ check, schedule, baseline, goals, parts {name: {status, seconds, cap_s, why}}, n
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -312,8 +313,9 @@ def run_one(part: Part, args, argv: list[str], work: Path, cap: float) -> dict:
         return worker_part(part.name, argv, args, work, cap)
     if part.name == "steps":
         return pytest_part(["benchmarks/test_bench_train.py"], args, work, cap, "steps", bench=True)
-    if part.name == "components":
-        return pytest_part(["benchmarks/test_bench_loss.py", "benchmarks/test_bench_augment.py"],
+    if part.name == "components":  # kornia is only a reference point; the GPU machine has none
+        extra = [] if importlib.util.find_spec("kornia") else ["-k", "not kornia"]
+        return pytest_part(["benchmarks/test_bench_loss.py", "benchmarks/test_bench_augment.py", *extra],
                            args, work, cap, "components", bench=True)
     return pytest_part(["tests/test_masked_ce.py", "tests/test_augment.py"], args, work, cap, "tests", bench=False)
 
@@ -381,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {part.name} (cap {cap:.0f} s) ==", flush=True)
             got = run_one(part, args, argv, work, cap)
             result["parts"][part.name] = got["part"]
-            collect(part.name, got, result, work)
+            try:
+                collect(part.name, got, result, work)
+            except Exception as e:  # noqa: BLE001 (one unreadable part must not cost the report)
+                result["notes"].append(f"could not read what {part.name} left: {type(e).__name__}: {e}")
             _write(result, out_dir, work)
     except KeyboardInterrupt:
         result["notes"].append("interrupted: the parts marked so did not run")
