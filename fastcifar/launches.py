@@ -270,8 +270,9 @@ class FakeCuda:
 
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
-    """Fake CUDA tensors: new tensors default to "cuda"; bring real modules in with `.module(m)`,
-    then count with `count_launches`. No GPU is used or needed. torch.cuda.is_available() and
+    """Fake tensors: make CUDA ones with device="cuda" (the default device stays the CPU, as code
+    that builds host constants expects), bring real modules and tensors in with `.module(m)` and
+    `.tensor(t)`, then count with `count_launches`. No GPU is used or needed. torch.cuda.is_available() and
     is_bf16_supported() answer True, and fake tensors count as plain tensors for the optimisers'
     foreach/fused defaults, so autocast and the optimisers take their CUDA paths."""
     import torch.optim.optimizer as optimizer_module
@@ -279,9 +280,12 @@ def fake_cuda() -> Iterator[FakeCuda]:
 
     patches = [(torch.cuda, "is_available", lambda: True), (torch.cuda, "is_bf16_supported", lambda *a, **k: True),
                (optimizer_module, "_foreach_supported_types", [torch.Tensor, torch.nn.Parameter, FakeTensor])]
+    # Where FakeTensorMode asks torch.cuda.is_available() as it dispatches (a property), it would
+    # copy host constants to a real GPU once that answers True: it must keep avoiding the device.
+    if isinstance(getattr(FakeTensorMode, "avoid_device_init", None), property):
+        patches.append((FakeTensorMode, "avoid_device_init", property(lambda self: True)))
     with contextlib.ExitStack() as stack:
         mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(torch.device("cuda"))
         for owner, name, value in patches:
             if hasattr(owner, name):  # torch versions differ in what they have
                 stack.enter_context(mock.patch.object(owner, name, value))

@@ -56,8 +56,8 @@ def test_foreach_launches_follow_multi_tensor_apply(numels, depth, launches):
 
 def test_views_are_free_and_host_ops_are_not_launches():
     with fake_cuda():
-        x, w = torch.randn(16, 8), torch.randn(4, 8)
-        host = torch.ones(3, device="cpu")
+        x, w = torch.randn(16, 8, device="cuda"), torch.randn(4, 8, device="cuda")
+        host = torch.ones(3)
 
         def f():
             y = (x.t().t() @ w.t()).relu()  # t: views; mm, relu: 2 launches
@@ -70,9 +70,9 @@ def test_views_are_free_and_host_ops_are_not_launches():
 
 
 def test_autocast_casts_are_launches_on_fake_cuda():
-    with fake_cuda():
-        lin = torch.nn.Linear(8, 4)
-        x = torch.randn(16, 8)
+    with fake_cuda() as fake:
+        lin = fake.module(torch.nn.Linear(8, 4))
+        x = torch.randn(16, 8, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             c = count_launches(lambda: lin(x))
     assert c.ops["aten._to_copy"] == 3 and c.ops["aten.addmm"] == 1  # input, weight, bias cast to bf16
@@ -88,7 +88,7 @@ def test_a_training_step_counts_forward_backward_and_foreach_sgd():
     with fake_cuda() as fake:
         lin = fake.module(lin)
         assert lin.weight.device.type == "cuda" and isinstance(lin.weight, torch.nn.Parameter)
-        x = torch.randn(16, 8)
+        x = torch.randn(16, 8, device="cuda")
         opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
 
         def step():
@@ -107,7 +107,7 @@ def test_gradients_reach_every_leaf_with_the_right_shapes():
     with fake_cuda() as fake:
         conv = fake.module(conv)
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        x = fake.tensor(torch.randn(2, 3, 8, 8, requires_grad=True))
         count_launches(lambda: F.gelu(conv(x)).mean().backward())
         assert conv.weight.grad.shape == conv.weight.shape and conv.bias.grad.shape == (4,)
         assert x.grad.shape == x.shape
@@ -115,7 +115,7 @@ def test_gradients_reach_every_leaf_with_the_right_shapes():
 
 def test_host_reads_are_syncs_and_answer_zero():
     with fake_cuda():
-        x = torch.randn(10)
+        x = torch.randn(10, device="cuda")
         seen = []
         c = count_launches(lambda: seen.append((x.sum().item(), x.nonzero().shape)))
     assert seen == [(0.0, (10, 1))]  # the largest nonzero answer
@@ -126,8 +126,8 @@ def test_triton_kernels_count_without_running():
     from fastcifar.kernels import masked_cross_entropy
 
     with fake_cuda():
-        logits = torch.randn(100, 100, requires_grad=True)
-        labels = torch.randint(0, 100, (100,))
+        logits = torch.randn(100, 100, device="cuda", requires_grad=True)
+        labels = torch.randint(0, 100, (100,), device="cuda")
         c = count_launches(lambda: masked_cross_entropy(logits, labels, 2.0).loss.backward())
     triton = {k: v for k, v in c.ops.items() if k.startswith("triton.")}
     assert triton == {"triton._ce_tile_kernel": 1, "triton._scale_grad_kernel": 1}  # one program: no reduce launch
@@ -143,6 +143,6 @@ def test_profiler_launch_call_names():
 
 def test_counting_refuses_backward_with_create_graph():
     with fake_cuda():
-        x = torch.randn(3, requires_grad=True)
+        x = torch.randn(3, device="cuda", requires_grad=True)
         with pytest.raises(NotImplementedError, match="create_graph"):
             count_launches(lambda: (x * x).sum().backward(create_graph=True))
