@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.launches import count_flops, count_launches, fake_cuda, foreach_launches, is_launch_call
+from fastcifar.launches import (count_flops, count_launches, fake_cuda, foreach_launches, is_launch_call,
+                                profile_launches)
 
 
 def conv_forward_flops(n: int, weight_shape: tuple, out_hw: tuple) -> int:
@@ -146,3 +147,22 @@ def test_counting_refuses_backward_with_create_graph():
         x = torch.randn(3, device="cuda", requires_grad=True)
         with pytest.raises(NotImplementedError, match="create_graph"):
             count_launches(lambda: (x * x).sum().backward(create_graph=True))
+
+
+def test_code_that_builds_host_constants_counts_on_fake_cuda():
+    """train_augment makes small CPU tensors and copies them over; FakeTensorMode must not try a real GPU."""
+    from fastcifar.augment import train_augment
+    from fastcifar.config import AugmentConfig
+
+    with fake_cuda():
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
+        c = count_launches(lambda: train_augment(images, torch.arange(16, device="cuda"), seed=0, epoch=0,
+                                                 cfg=AugmentConfig()))
+    assert c.launches > 50 and c.syncs == 0  # batched on the device, no read back to the host
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profiler's CUDA launch calls need a CUDA GPU")
+def test_profiler_counts_the_launches_of_real_kernels():
+    a = torch.randn(4096, device="cuda")
+    counts = profile_launches(lambda: (a * 2).relu().sum(), calls=2)
+    assert counts["cpu_launch_calls"] >= 3 and counts["gpu_kernels"] >= 3 and counts["graph_launches"] == 0
