@@ -205,6 +205,50 @@ def goals(result: dict) -> list[dict]:
     return out
 
 
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fold_part(name: str, got: dict, result: dict, work: Path) -> None:
+    """Fold what part `name` of scripts/gpu_report.py left in `work` (and `got`: its status, its
+    benchmark rows) into the result set."""
+    if name == "check":
+        result["check"] = read_json(work / "check.json") or {}
+        bad = [k for k, v in result["check"].items() if not v.get("ok")]
+        if bad and got["part"]["status"] == "ok":
+            got["part"].update(status="failed", why=f"checks failed: {', '.join(bad)}")
+    elif name == "steps":
+        result["step_rows"] = got["rows"]
+        tables = step_tables(got["rows"])
+        result["compile_seconds"]["steps_first_call"] = tables.pop("first_call_s")
+        result["peak_memory_gib"]["steps"] = tables.pop("peak_memory_gib")
+        result.update(tables)
+    elif name == "schedule":
+        meta, end = read_json(work / "schedule_meta.json") or {}, read_json(work / "schedule_end.json") or {}
+        records = read_jsonl(work / "run" / "metrics.jsonl")
+        # Start-up (model, data on the device) and finish (TTA, scoring, files): once per run.
+        overhead = end["wall_s"] - sum(float(r["seconds"]) for r in records) if end else None
+        sched = summarise_schedule(records, meta.get("target", []), overhead)
+        summary = end.get("summary") or {}
+        sched.update(peak_memory_gib=end.get("peak_memory_gib"), best_acc=summary.get("best_acc"),
+                     inductor_cache_warm=meta.get("inductor_cache_warm"))
+        result.update(schedule=sched, schedule_seconds=sched["schedule_seconds"],
+                      schedule_projected=sched["schedule_projected"], loader_note=meta.get("loader_note"))
+        result["compile_seconds"]["schedule_est"] = sched["compile_seconds_est"]
+        result.setdefault("peak_memory_gib", {})["schedule"] = sched["peak_memory_gib"]
+    elif name == "baseline":
+        base = read_json(work / "baseline.json") or {}
+        passes = base.get("passes", {})
+        if {"head", "full", "eval"} <= set(passes):
+            base["schedule_s_projected"] = sum(passes["full" if p.startswith("full") else "head"]["epoch_s"] +
+                                               passes["eval"]["epoch_s"] for p in result["paper_phases"])
+        result.update(baseline=base, baseline_seconds=base.get("schedule_s_projected"))
+    elif name == "components":
+        result["component_rows"] = got["rows"]
+    if result.get("schedule_seconds") and result.get("baseline_seconds"):
+        result["speedup_vs_baseline"] = result["baseline_seconds"] / result["schedule_seconds"]
+
+
 # ---- the report ----
 
 

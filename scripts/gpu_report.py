@@ -266,48 +266,6 @@ def worker_part(name: str, argv: list[str], args, work: Path, cap: float) -> dic
     return {"part": run_part(cmd, cap, work / f"{name}.log", child_env(args, work))}
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def collect(name: str, got: dict, result: dict, work: Path) -> None:
-    """Fold what part `name` left in `work` into the result set."""
-    if name == "check":
-        result["check"] = read_json(work / "check.json") or {}
-        bad = [k for k, v in result["check"].items() if not v.get("ok")]
-        if bad and got["part"]["status"] == "ok":
-            got["part"].update(status="failed", why=f"checks failed: {', '.join(bad)}")
-    elif name == "steps":
-        result["step_rows"] = got["rows"]
-        tables = br.step_tables(got["rows"])
-        result["compile_seconds"]["steps_first_call"] = tables.pop("first_call_s")
-        result["peak_memory_gib"]["steps"] = tables.pop("peak_memory_gib")
-        result.update(tables)
-    elif name == "schedule":
-        meta, end = read_json(work / "schedule_meta.json") or {}, read_json(work / "schedule_end.json") or {}
-        records = br.read_jsonl(work / "run" / "metrics.jsonl")
-        sched = br.summarise_schedule(records, meta.get("target", []), None if not end else
-                                      end["wall_s"] - sum(float(r["seconds"]) for r in records))
-        summary = end.get("summary") or {}
-        sched.update(peak_memory_gib=end.get("peak_memory_gib"), best_acc=summary.get("best_acc"),
-                     inductor_cache_warm=meta.get("inductor_cache_warm"))
-        result.update(schedule=sched, schedule_seconds=sched["schedule_seconds"],
-                      schedule_projected=sched["schedule_projected"], loader_note=meta.get("loader_note"))
-        result["compile_seconds"]["schedule_est"] = sched["compile_seconds_est"]
-        result.setdefault("peak_memory_gib", {})["schedule"] = sched["peak_memory_gib"]
-    elif name == "baseline":
-        base = read_json(work / "baseline.json") or {}
-        passes = base.get("passes", {})
-        if {"head", "full", "eval"} <= set(passes):
-            base["schedule_s_projected"] = sum(passes["full" if p.startswith("full") else "head"]["epoch_s"] +
-                                               passes["eval"]["epoch_s"] for p in result["paper_phases"])
-        result.update(baseline=base, baseline_seconds=base.get("schedule_s_projected"))
-    elif name == "components":
-        result["component_rows"] = got["rows"]
-    if result.get("schedule_seconds") and result.get("baseline_seconds"):
-        result["speedup_vs_baseline"] = result["baseline_seconds"] / result["schedule_seconds"]
-
-
 def run_one(part: Part, args, argv: list[str], work: Path, cap: float) -> dict:
     if part.name in ("check", "schedule", "baseline"):
         return worker_part(part.name, argv, args, work, cap)
@@ -384,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             got = run_one(part, args, argv, work, cap)
             result["parts"][part.name] = got["part"]
             try:
-                collect(part.name, got, result, work)
+                br.fold_part(part.name, got, result, work)
             except Exception as e:  # noqa: BLE001 (one unreadable part must not cost the report)
                 result["notes"].append(f"could not read what {part.name} left: {type(e).__name__}: {e}")
             _write(result, out_dir, work)

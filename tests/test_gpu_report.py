@@ -146,6 +146,22 @@ def test_baseline_epochs_split_per_step_from_fixed_cost():
     assert noisy["fixed_s"] == 0.0 and noisy["epoch_s"] == pytest.approx(500 * 0.02)
 
 
+def test_the_baseline_is_projected_over_the_paper_schedule_and_gives_the_ratio(tmp_path):
+    passes = {"head": {"epoch_s": 10.0}, "full": {"epoch_s": 20.0}, "eval": {"epoch_s": 2.0}}
+    (tmp_path / "baseline.json").write_text(json.dumps({"passes": passes}))
+    result = {"paper_phases": paper_phases(), "schedule_seconds": 100.0}
+    br.fold_part("baseline", {"part": {"status": "ok"}}, result, tmp_path)
+    assert result["baseline_seconds"] == pytest.approx(15 * 12.0 + 85 * 22.0)
+    assert result["speedup_vs_baseline"] == pytest.approx(result["baseline_seconds"] / 100.0)
+
+
+def test_a_failed_correctness_check_fails_its_part(tmp_path):
+    (tmp_path / "check.json").write_text(json.dumps({"kernel": {"ok": False, "error": "x"}, "augment": {"ok": True}}))
+    got = {"part": {"status": "ok"}}
+    br.fold_part("check", got, {}, tmp_path)
+    assert got["part"]["status"] == "failed" and "kernel" in got["part"]["why"]
+
+
 # ---- the step tables, goals and files ----
 
 
