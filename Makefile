@@ -18,7 +18,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench,ffcv]'
 	@touch $@
 
 setup: system-deps $(STAMP)
@@ -38,8 +38,10 @@ test: setup
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
+# The GPU report (about 8 minutes). On a GPU machine with torch but no internet, skip the set-up:
+#   python3 scripts/gpu_report.py --out DIR        (nothing to install: it runs from the checkout)
 gpu-report: setup
-	$(BIN)/python scripts/gpu_report.py
+	$(BIN)/python scripts/gpu_report.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

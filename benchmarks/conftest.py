@@ -1,17 +1,25 @@
-"""Shared benchmark machinery: the device and its peak rates, round timing, FLOP counting, extra_info.
+"""Shared benchmark machinery: the device and its peak rates, round timing, FLOP and launch counting,
+peak memory, extra_info, and a JSON-lines log of every case as it finishes.
 
 Every benchmark records facts in `benchmark.extra_info` (device, images/s, ms/step, and for model
-steps FLOPs, TFLOP/s, MFU and the parameter-traffic floor); none asserts a time. Under
-`--benchmark-disable` (CI) each benchmark body runs once, one timed round, so the bookkeeping
-below runs there too.
+steps FLOPs, TFLOP/s, MFU, the parameter-traffic floor, peak memory and CPU-side launches per
+step); none asserts a time. Under `--benchmark-disable` (CI) each benchmark body runs once, one
+timed round, so the bookkeeping below runs there too.
+
+Environment: FASTCIFAR_BENCH_ROWS=PATH appends each case's facts (and each outcome) to PATH as it
+finishes, so a run killed at a time limit keeps what it measured (scripts/gpu_report.py reads it);
+FASTCIFAR_BENCH_ORDER=eager-first runs the cases with an "eager" parameter before the others
+(the compiled ones cost a compilation each).
 """
 # Before torch or triton is imported (as tests/conftest.py): interpret Triton kernels without a GPU.
 import os
-import shutil
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+from fastcifar.benchreport import cuda_available
+
+if not cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -19,19 +27,56 @@ from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from fastcifar.launches import count_flops, profile_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU"
 COMPILE_REASON = ("torch.compile cases run on a CUDA GPU only: a first CPU compile of even a tiny "
                   "ConvNeXt takes about 2 minutes on 2 cores")
 CUDAGRAPH_REASON = "CUDA graphs need a CUDA GPU"
+ROWS_ENV, ORDER_ENV = "FASTCIFAR_BENCH_ROWS", "FASTCIFAR_BENCH_ORDER"
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "extended: extra option combinations; scripts/gpu_report.py leaves them out "
                    "(-m 'not extended') to stay within its 10-minute budget")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(ORDER_ENV) == "eager-first":
+        def later(item) -> bool:  # False sorts first: a case with an "eager" parameter
+            return "eager" not in getattr(getattr(item, "callspec", None), "params", {}).values()
+
+        items.sort(key=later)  # stable: file order within each group
+
+
+def _log(line: dict) -> None:
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    benchmark = getattr(item, "funcargs", {}).get("benchmark")
+    info = getattr(benchmark, "extra_info", None)
+    if info:
+        scalars = {k: v for k, v in info.items() if v is None or isinstance(v, (int, float, str, bool))}
+        _log({"kind": "row", "file": item.path.stem, "name": item.name, **scalars})
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        why = None
+        if report.skipped and isinstance(report.longrepr, tuple):
+            why = str(report.longrepr[-1])
+        elif report.failed:
+            why = str(report.longrepr).strip().splitlines()[-1][:300] if report.longrepr else None
+        _log({"kind": "outcome", "nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+              "why": why})
 
 
 @dataclass(frozen=True)
@@ -139,14 +184,6 @@ def timed_first_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of `fn`, counted by torch.utils.flop_counter (matmuls and convolutions,
-    forward and backward; elementwise ops and the optimiser are not counted)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def param_traffic_bytes(trainable: int, read_only: int) -> int:
     """The per-step floor of parameter traffic to DRAM, fp32 parameters and SGD with momentum.
 
@@ -165,13 +202,30 @@ class Bench:
         self.benchmark, self.device, self.spec = benchmark, device, spec
 
     def rounds(self, fn: Callable[[], object], *, calls: int, rounds: int, warmup: int = 0) -> list[float]:
-        return time_rounds(self.benchmark, fn, calls=calls, rounds=rounds, device=self.device, warmup=warmup)
+        """Timed rounds (see time_rounds); the peak GPU memory of the timed calls is recorded too."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds = time_rounds(self.benchmark, fn, calls=calls, rounds=rounds, device=self.device, warmup=warmup)
+        if self.device.type == "cuda":
+            self.benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return seconds
 
     def first_call(self, fn: Callable[[], object]) -> float:
         return timed_first_call(fn, self.device)
 
     count_flops = staticmethod(count_flops)
     param_traffic_bytes = staticmethod(param_traffic_bytes)
+
+    def launches(self, fn: Callable[[], object], steps: int = 1) -> dict:
+        """CPU-side launch calls (kernel, graph, copy, fill) and GPU kernels per step of one call of
+        `fn`, from torch.profiler; None on the CPU."""
+        counts = profile_launches(fn)
+        per_step = lambda v: None if v is None else v / steps  # noqa: E731
+        return {"launches_per_step": per_step(counts["cpu_launch_calls"]),
+                "gpu_kernels_per_step": per_step(counts["gpu_kernels"]),
+                "graph_launches_per_step": per_step(counts["graph_launches"]),
+                "launches_source": counts.get("error") or "torch.profiler: CUDA runtime/driver launch, copy and "
+                                                           "fill calls"}
 
     def record(self, *, seconds_per_step: float, images_per_step: int, flops_per_step: int | None = None,
                dtype: torch.dtype | None = None, param_bytes_per_step: int | None = None, **facts) -> dict:
@@ -189,7 +243,8 @@ class Bench:
         if flops_per_step is not None:
             peak = spec.peak_tflops(dtype)
             achieved = flops_per_step / seconds_per_step / 1e12
-            info.update(flops_per_step=flops_per_step, flops_source="counted: torch.utils.flop_counter",
+            info.update(flops_per_step=flops_per_step,
+                        flops_source="torch.utils.flop_counter, group-aware convolution backward",
                         tflops_per_s=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None)
         if param_bytes_per_step is not None:
             floor = param_bytes_per_step / (spec.mem_gbps * 1e9) if spec.mem_gbps else None

@@ -186,18 +186,20 @@ def build_step(phase, impl, channels_last, batch, device):
 
 @pytest.mark.parametrize("phase,impl,channels_last,batch", list(_step_cases()))
 def test_step(bench, device, fresh_compiler, phase, impl, channels_last, batch):
-    """One step of `phase`: ms per optimiser step (training) or per batch (evaluation), FLOPs, MFU."""
+    """One step of `phase`: ms per optimiser step (training) or per batch (evaluation), FLOPs, MFU,
+    CPU-side launches per step and peak memory."""
     case, precision = build_step(phase, impl, channels_last, batch, device)
     flops = bench.count_flops(case.eager)
     first = bench.first_call(case.run)  # compilation and graph capture happen here
     calls = max(1, (20 if ON_GPU else 1) // case.steps)
     seconds = statistics.median(bench.rounds(case.run, calls=calls, rounds=ROUNDS, warmup=WARMUP)) / calls
+    launches = bench.launches(case.run, steps=case.steps)  # CPU-side launches from torch.profiler (GPU only)
     bench.record(seconds_per_step=seconds / case.steps, images_per_step=case.images // case.steps,
                  flops_per_step=flops // case.steps, dtype=precision.dtype,
                  param_bytes_per_step=bench.param_traffic_bytes(case.trainable, case.read_only) // case.steps,
                  phase=phase, impl=impl, channels_last=channels_last, batch=batch, model=MODEL,
                  step="optimiser step" if phase in ("head", "full") else "evaluation batch",
-                 first_call_s=first)
+                 first_call_s=first, **launches)
 
 
 # ---- whole epochs through the Engine ----

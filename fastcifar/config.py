@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/cifar100n"  # folder holding train.beton and test.beton
-    backend: str = "ffcv"  # ffcv | memory (whole split as one uint8 tensor on the device)
+    backend: str = "auto"  # auto (ffcv if it imports, else memory) | ffcv | memory (whole split on the device)
     num_workers: int = 4  # ffcv decoding threads
 
 
@@ -111,7 +111,7 @@ class Config:
 PRESETS = ("paper", "authors", "hires", "smoke")
 
 _CHOICES = {
-    ("data", "backend"): ("ffcv", "memory"),
+    ("data", "backend"): ("auto", "ffcv", "memory"),
     ("model", "compile"): ("auto", "on", "off"),
     ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("model", "cuda_graphs"): ("auto", "on", "off"),

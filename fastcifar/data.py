@@ -28,7 +28,8 @@ from fastcifar.beton import BetonIndex, open_beton, read_images, read_meta
 from fastcifar.sources import DataError
 
 BACKENDS = ("ffcv", "memory")
-__all__ = ["BACKENDS", "Batch", "SplitLoader", "epoch_order", "keep_torch_threads", "open_split", "read_meta"]
+__all__ = ["BACKENDS", "Batch", "SplitLoader", "epoch_order", "keep_torch_threads", "open_split", "read_meta",
+           "resolve_backend"]
 
 
 class Batch(NamedTuple):
@@ -47,6 +48,19 @@ def keep_torch_threads() -> Iterator[None]:
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
+
+
+def resolve_backend(name: str) -> str:
+    """"ffcv" or "memory" for data.backend `name`: "auto" is ffcv where it imports (an optional
+    extra, `pip install 'fastcifar[ffcv]'`), else the memory backend, which needs no ffcv."""
+    if name != "auto":
+        return name
+    try:
+        with keep_torch_threads():
+            import ffcv  # noqa: F401
+    except (ImportError, OSError):  # not installed, or a system library (libturbojpeg) missing
+        return "memory"
+    return "ffcv"
 
 
 def epoch_order(rows: np.ndarray, *, shuffle: bool, seed: int, epoch: int, batch_size: int,
@@ -288,8 +302,9 @@ def open_split(path: str | Path, *, backend: str = "ffcv", device: str | torch.d
     (batch_size must divide by W). num_workers: ffcv decoding threads (capped at the core count).
     Raises DataError for a missing, truncated or foreign file or labels outside meta.json's classes.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    backend = resolve_backend(backend)
     rank, world = _rank_and_world(distributed)
     _check_batch_size(batch_size, world)
     path = Path(path)

@@ -18,7 +18,7 @@ from .console import progress
 from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, set_rng_state
 from .checkpoint_writer import CheckpointWriter, remove_stale_temporaries
 from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse_overrides, to_dict
-from .data import open_split, read_meta
+from .data import open_split, read_meta, resolve_backend
 from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from .engine import Engine
 from .filtering import judge, median_threshold
@@ -250,7 +250,8 @@ def startup_lines(run: Run) -> list[str]:
         f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
         f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
         f"data    : {run.loaders.num_train} train / {run.loaders.test.num_samples} test images, "
-        f"{run.loaders.num_classes} classes, backend {cfg.data.backend}, from {cfg.data.dir}",
+        f"{run.loaders.num_classes} classes, backend {resolve_backend(cfg.data.backend)}"
+        f"{' (data.backend=auto)' if cfg.data.backend == 'auto' else ''}, from {cfg.data.dir}",
         f"schedule: {cfg.train.epochs} epochs [{phases}], batch {cfg.train.batch_size}, lr {cfg.optim.lr}, "
         f"threshold {cfg.filter.threshold} x{cfg.filter.decay}/epoch ({cfg.filter.mode} filtering"
         f"{'' if cfg.filter.enabled else ', off'})",

@@ -1,0 +1,156 @@
+"""The GPU report's first part: is CUDA computing the right thing? Kernel, augmentation, one model step.
+
+Each check returns a dict with "ok" and the numbers it judged by (errors as ‖a − b‖ / ‖b‖, or
+max |a − b|), and never raises: a failure is recorded with its error and the next check runs.
+    kernel      the Triton masked cross-entropy against the PyTorch reference on fresh random
+                inputs: fp32/bf16/fp16, one-program and multi-program grids, label smoothing with
+                a MixUp partner, a 0-d threshold that keeps about half; loss, per-sample losses,
+                keep mask and the gradient (non-unit upstream);
+    augment     train_augment on the device against the CPU, same keys (bit-exact up to 1e-5);
+    model_step  the model's fp32 logits on the device against the CPU (TF32 off), then one
+                mixed-precision training step there (augment -> model -> masked loss -> SGD):
+                a finite loss near the CPU's, finite gradients, parameters that moved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import torch
+
+from .config import AugmentConfig, ModelConfig
+
+REL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # ‖Δ‖/‖ref‖, loss and gradient
+LOGIT_TOL = 1e-3  # fp32 model logits, device vs CPU (reduction order differs)
+STEP_LOSS_TOL = 0.05  # mixed-precision step loss vs the CPU's fp32 loss, relative
+UPSTREAM = 2.5  # a non-unit upstream gradient
+MOVED_SHARE = 0.95  # of the parameters, changed by one SGD step (weight decay moves even a zero gradient's)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 on the CPU (0 when both are zero)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    ref = float(b.norm())
+    diff = float((a - b).norm())
+    return diff / ref if ref else diff
+
+
+def _kernel_case(n: int, c: int, dtype: torch.dtype, device: torch.device, g: torch.Generator,
+                 mix: bool) -> dict:
+    from fastcifar.kernels.masked_ce import triton_masked_cross_entropy
+    from fastcifar.kernels.reference import reference_masked_cross_entropy
+
+    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
+    labels, labels_b = (torch.randint(0, c, (n,), generator=g).to(device) for _ in range(2))
+    kw = dict(label_smoothing=0.1, labels_b=labels_b, lam=torch.tensor(0.7, device=device)) if mix else {}
+    probe = reference_masked_cross_entropy(logits.float(), labels, math.inf, **kw).per_sample
+    threshold = probe.median() + 1e-3  # keeps about half, with no tie at the threshold
+
+    def run(fn):
+        x = logits.clone().requires_grad_(True)
+        out = fn(x, labels, threshold, **kw)
+        (out.loss * UPSTREAM).backward()
+        return out, x.grad
+
+    (ours, grad), (ref, ref_grad) = run(triton_masked_cross_entropy), run(reference_masked_cross_entropy)
+    errs = {"loss": rel_err(ours.loss, ref.loss), "per_sample": rel_err(ours.per_sample, ref.per_sample),
+            "grad": rel_err(grad, ref_grad)}
+    # A sample whose loss sits within rounding of the threshold may fall either side.
+    near = (ref.per_sample - threshold).abs() < 1e-3 * threshold.abs()
+    keep_ok = bool(((ours.keep == ref.keep) | near).all())
+    ok = keep_ok and all(math.isfinite(e) and e <= REL_TOL[dtype] for e in errs.values())
+    return {"shape": [n, c], "dtype": str(dtype).replace("torch.", ""), "mix": mix, "keep_equal": keep_ok,
+            "rel_err": errs, "ok": ok}
+
+
+def check_kernel(device: torch.device, seed: int = 0) -> dict:
+    """The Triton kernel vs the reference on several shapes and dtypes (small ones on the CPU,
+    where the kernel runs through Triton's interpreter)."""
+    g = torch.Generator().manual_seed(seed)
+    big = device.type == "cuda"
+    cases = [(100, 100, torch.float32, False), (100, 100, torch.bfloat16, False),
+             ((4096 if big else 300), 100, torch.float16, False),  # several programs + the reduction
+             ((37 if big else 9), (1000 if big else 130), torch.float32, True)]
+    results = [_kernel_case(n, c, dt, device, g, mix) for n, c, dt, mix in cases]
+    return {"ok": all(r["ok"] for r in results), "cases": results}
+
+
+def check_augment(device: torch.device, seed: int = 0) -> dict:
+    """train_augment (the paper's pipeline) on `device` against the CPU, same keys."""
+    from fastcifar.augment import train_augment
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    indices = torch.randperm(1000, generator=g)[:64]
+    cfg = AugmentConfig()
+    cpu = train_augment(images, indices, seed=5, epoch=3, cfg=cfg)
+    dev = train_augment(images.to(device), indices.to(device), seed=5, epoch=3, cfg=cfg)
+    diff = float((dev.cpu() - cpu).abs().max())
+    out = {"max_abs_diff": diff, "ok": diff <= 1e-5 and dev.device.type == device.type}
+    if device.type == "cpu":
+        out["note"] = "the device is the CPU: both sides ran there"
+    return out
+
+
+def check_model_step(device: torch.device, model_name: str, seed: int = 0) -> dict:
+    """fp32 logits on the device vs the CPU, then one mixed-precision training step on the device."""
+    from fastcifar.augment import train_augment
+    from fastcifar.kernels import masked_cross_entropy
+    from fastcifar.model import build_model, resolve_precision
+
+    torch.manual_seed(seed)
+    cpu_model = build_model(ModelConfig(name=model_name, pretrained=False, compile="off")).eval()
+    model = copy.deepcopy(cpu_model).to(device)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 100, (8,), generator=g)
+    x = train_augment(images, torch.arange(8), seed=seed, epoch=0, cfg=AugmentConfig())
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            ref, got = cpu_model(x), model(x.to(device))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    logit_err = rel_err(got, ref)
+    ref_loss = float(torch.nn.functional.cross_entropy(ref, labels))
+
+    precision = resolve_precision("auto", device)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with precision.autocast(device):
+        logits = model(x.to(device))
+    loss = masked_cross_entropy(logits, labels.to(device), math.inf).loss
+    loss.backward()
+    grads_finite = all(bool(p.grad.isfinite().all()) for p in model.parameters() if p.grad is not None)
+    opt.step()
+    moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+    step_loss = float(loss.detach())
+    # Dropout is on in the training step: its loss is near the eval-mode loss, not equal to it.
+    loss_err = abs(step_loss - ref_loss) / abs(ref_loss)
+    ok = (logit_err <= LOGIT_TOL and math.isfinite(step_loss) and grads_finite
+          and moved >= MOVED_SHARE * len(before) and loss_err <= STEP_LOSS_TOL)
+    return {"model": model_name, "logits_rel_err": logit_err, "step_loss": step_loss, "cpu_loss": ref_loss,
+            "step_loss_rel_diff": loss_err, "grads_finite": grads_finite, "params_moved": moved,
+            "params": len(before), "amp": str(precision.dtype).replace("torch.", "") if precision.dtype else "off",
+            "ok": ok}
+
+
+def run_checks(device: torch.device, model_name: str, save: Callable[[dict], None]) -> dict:
+    """Every check in turn, `save(results so far)` after each (a killed run keeps what it did)."""
+    checks = {"kernel": lambda: check_kernel(device), "augment": lambda: check_augment(device),
+              "model_step": lambda: check_model_step(device, model_name)}
+    results: dict = {}
+    for name, check in checks.items():
+        t0 = time.perf_counter()
+        try:
+            results[name] = check()
+        except Exception as e:  # noqa: BLE001 (recorded, and the next check still runs)
+            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        save(results)
+    return results
