@@ -21,7 +21,8 @@ from .io import atomic_write_text
 CUDA_ENV = "FASTCIFAR_CUDA"  # "1" or "0": one child process's answer, inherited by the rest
 PAPER_EPOCHS = 100
 # Step-benchmark rows record `impl`; the report's modes read better.
-MODE_NAMES = {"eager": "eager", "compile": "compiled", "compiled": "compiled", "cudagraphs": "compiled+cudagraphs"}
+MODE_NAMES = {"eager": "eager", "compile": "compiled", "compiled": "compiled", "cudagraphs": "compiled+cudagraphs",
+              "graphs": "graphs"}
 PAPER_BATCH = {"head": 100, "full": 100, "full+filter": 100, "eval": 500, "tta": 500}  # images per step
 FALLBACK_PHASE = {"full+filter": "full", "full": "full+filter", "head+filter": "head"}  # same step cost
 LOG_TAIL_BYTES = 200_000  # per part in the log file

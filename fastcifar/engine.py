@@ -14,7 +14,7 @@ from .augment import TrainAugment, train_key
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
 from .filtering import median_threshold
-from .graphs import CompileStats, CudaGraphCapture, ModeLadder, plan_modes
+from .graphs import CompileStats, CudaGraphCapture, Mode, ModeLadder, plan_modes
 from .model import NoisyLabelNet, Precision
 from .optim import PhaseSGD
 from .schedule import Phase, Schedule
@@ -29,14 +29,18 @@ class Engine:
     def __init__(self, cfg: Config, model: NoisyLabelNet, optimizer: PhaseSGD, scaler, precision: Precision,
                  device: torch.device, dist: DistInfo, schedule: Schedule, noisy: torch.Tensor,
                  known: torch.Tensor, *, num_samples: int, image_shape: tuple, max_steps: int,
-                 capture=None, log: Callable[[str], None] | None = None):
+                 modes: list[Mode] | None = None, capture=None, log: Callable[[str], None] | None = None):
         """noisy, known: (num_samples,) bool CPU tensors (wrong label / clean label known) for the
         noise-detection metrics. image_shape: (H, W, 3) of the data; max_steps: the most optimizer
-        steps an epoch can have (sizes the lr and mixing tables)."""
+        steps an epoch can have (sizes the lr and mixing tables). modes: the ladder to use instead of
+        the configuration's (benchmarks); capture: a CUDA-graph capture stand-in (tests)."""
         self.cfg, self.model, self.schedule, self.dist = cfg, model, schedule, dist
         self.noisy, self.known, self.image_shape = noisy, known, tuple(image_shape)
-        modes, self.mode_notes = plan_modes(cfg.model, device, distributed=dist.enabled,
-                                            scaler=precision.use_scaler)
+        if modes is None:
+            modes, self.mode_notes = plan_modes(cfg.model, device, distributed=dist.enabled,
+                                                scaler=precision.use_scaler)
+        else:
+            self.mode_notes = []
         ladder = ModeLadder(modes, log)
         graph_safe = modes[0].compiles  # compiled or captured: no host reads in the augmentation
         h, w, _ = self.image_shape
