@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 from . import report
-from .checkpoint import CheckpointError
-from .config import PRESETS, ConfigError, build_config, parse_overrides
+from .cli import USER_ERRORS
+from .config import PRESETS, build_config, parse_overrides
 from .io import atomic_write_text
-from .model import ModelError
-from .rundir import RunError, prepare_run_dir
-from .sources import DataError
-from .train import TrainingError, run_training
+from .rundir import choose_run_dir
+from .train import run_training
 
 COLUMNS = ["variant", "backbone", "filtering", "best_acc", "best_acc_tta", "final_acc", "final_acc_tta",
            "total_seconds"]
@@ -32,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablations", help="folder for the three runs and the table")
     p.add_argument("--backbone", default="resnext50_32x4d", help="the other backbone (timm name)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     out, rows = Path(args.out), []
     try:
         base = parse_overrides(args.overrides)
@@ -41,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in variants(args.backbone):
             cfg = build_config(args.config, {**base, **extra})
             print(f"== ablation {name}: {extra or 'as configured'}", flush=True)
-            summary = run_training(cfg, prepare_run_dir(cfg, str(out / name), args.config))
+            # created by run_training once data and model have opened: a failed start leaves nothing
+            summary = run_training(cfg, choose_run_dir(cfg, str(out / name), args.config))
             rows.append({"variant": name, "backbone": cfg.model.name, "filtering": cfg.filter.enabled,
                          **{k: summary.get(k) for k in COLUMNS[3:]}})
-    except (ConfigError, DataError, ModelError, RunError, CheckpointError, TrainingError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = report.format_table(rows, COLUMNS)

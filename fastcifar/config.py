@@ -32,7 +32,7 @@ class ModelConfig:
     weights: str = ""  # local checkpoint path; overrides `pretrained`
     num_classes: int = 100  # must match the data's labels
     dropout: float = 0.5  # in the paper's head, before the linear layer
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on tensor cores)
     compile: str = "auto"  # auto (on for CUDA) | on | off
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune (the last two: inductor's CUDA graphs)
     cuda_graphs: str = "auto"  # auto (on for one CUDA process, bf16/fp32) | on | off: each step as one CUDA graph
@@ -57,8 +57,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-3  # peak, per batch of train.batch_size images
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9  # SGD momentum, no unit
+    nesterov: bool = False  # Nesterov momentum (the authors' code)
     weight_decay: float = 5e-4  # L2, on every parameter
     warmup_epochs: int = 5  # linear warm-up, then cosine to 0 at the last epoch
     label_smoothing: float = 0.0
@@ -66,12 +66,14 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100  # passes over the training split
     batch_size: int = 100  # images per optimiser step (global, across processes)
     test_batch_size: int = 500  # images per evaluation batch
     freeze_epochs: int = 15  # epochs in which only the head trains
     frozen_chunk: int = 1000  # images per no-grad backbone forward while frozen
     tta: bool = True  # flip test-time augmentation for the final and best models
+    select_on: str = "test"  # best epoch by accuracy on: test (as the paper) | noisy_val (held-out noisy labels)
+    val_fraction: float = 0.1  # share of the training split held out (stratified) when select_on=noisy_val
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,13 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    device: str = "auto"  # auto (cuda if visible, else cpu) | cpu | cuda
+    seed: int = 0  # integer seed of the weights, data order, augmentation and hold-out split
     deterministic: bool = False  # bitwise-repeatable kernels (slower)
     out: str = "runs"  # parent folder of run directories
     name: str = ""  # run directory name; default: preset and a timestamp
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke tests, benchmarks)
-    checkpoint_every: int = 5  # epochs between last.pt writes (also after the last epoch)
+    max_steps_per_epoch: int = 0  # steps; 0 = the whole epoch, >0 truncates (smoke tests, benchmarks)
+    checkpoint_every: int = 1  # epochs between last.pt writes (also after the last epoch); a kill loses fewer
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ _CHOICES = {
     ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("model", "cuda_graphs"): ("auto", "on", "off"),
     ("model", "amp"): ("auto", "bf16", "fp16", "off"),
+    ("train", "select_on"): ("test", "noisy_val"),
     ("augment", "erasing_value"): ("zero", "random"),
     ("filter", "mode"): ("batch", "epoch"),
     ("filter", "selector"): ("threshold", "class_quantile", "gmm"),
@@ -230,6 +233,7 @@ def validate(cfg: Config) -> None:
         (t.batch_size >= 1 and t.test_batch_size >= 1, "batch sizes must be >= 1"),
         (t.freeze_epochs >= 0, "train.freeze_epochs must be >= 0"),
         (t.frozen_chunk >= t.batch_size, "train.frozen_chunk must be >= train.batch_size"),
+        (0 < t.val_fraction < 1, "train.val_fraction must be in (0, 1)"),
         (f.threshold > 0, "filter.threshold must be > 0"),
         (0 < f.decay <= 1, "filter.decay must be in (0, 1]"),
         (0 <= f.min_kept_fraction <= 1, "filter.min_kept_fraction must be in [0, 1]"),

@@ -28,21 +28,25 @@ class Verdict:
 
 
 def judge(selector: Selector, losses: Tensor, labels: Tensor, probs: Tensor, base: float,
-          min_kept_fraction: float) -> Verdict:
+          min_kept_fraction: float, pool: Tensor | None = None) -> Verdict:
     """Keep per the selector's exact thresholds from these losses; if that keeps fewer than
     `min_kept_fraction` of the samples, keep that many lowest losses instead.
 
     losses (N,) fp32, labels (N,) int64, probs (N, C) fp32 on one device; base: the schedule's
-    absolute threshold in nats (what the `threshold` selector applies).
+    absolute threshold in nats (what the `threshold` selector applies); pool (N,) bool: the
+    samples that may be kept (the others, a held-out validation split, inform nothing and are
+    never kept); evidence still covers every sample.
     """
-    thresholds = selector.from_losses(losses, labels, torch.full((), base, device=losses.device), probs)
-    keep = losses < thresholds[labels]
+    pool = torch.ones_like(labels, dtype=torch.bool) if pool is None else pool
+    base_t = torch.full((), base, device=losses.device)
+    thresholds = selector.from_losses(losses[pool], labels[pool], base_t, probs[pool])
+    keep = (losses < thresholds[labels]) & pool
     evidence = selector.evidence(losses, labels)
-    k = math.ceil(min_kept_fraction * len(losses))
+    k = math.ceil(min_kept_fraction * int(pool.sum()))
     guard = int(keep.sum()) < k
     if guard:  # the kept set would collapse: keep the k lowest losses instead
         keep = torch.zeros_like(keep)
-        keep[losses.argsort()[:k]] = True
+        keep[losses.masked_fill(~pool, math.inf).argsort()[:k]] = True
     noise = float(selector.noise_rate())
     return Verdict(keep, evidence, thresholds, guard, None if math.isnan(noise) else noise)
 

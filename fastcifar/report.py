@@ -1,4 +1,4 @@
-"""Everything a run writes about itself except checkpoints: metrics, console lines, plots, suspects."""
+"""What a run writes about itself (checkpoints and plots aside): metrics, console lines, summary, suspects."""
 
 from __future__ import annotations
 
@@ -172,70 +172,6 @@ def format_epoch(record: dict) -> str:
 def write_summary(run_dir: str | os.PathLike, summary: dict) -> None:
     """summary.json in the run dir, atomically; numpy and tensor values become plain JSON."""
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
-
-
-def _series(records: list[dict], key: str) -> list[list] | None:
-    """(epochs, values) for the records with a finite `key`; None when there are none."""
-    points = [(r["epoch"], float(r[key])) for r in records
-              if r.get(key) is not None and math.isfinite(float(r[key]))]
-    return [list(col) for col in zip(*points)] if points else None
-
-
-def _plot(path: Path, records: list[dict], lines: list[tuple[str, str, float]], ylabel: str,
-          twin: tuple[str, str] | None = None, ylim: tuple[float, float] | None = None) -> Path:
-    """One figure: `lines` are (field, label, scale) on the left axis, `twin` (field, label) on
-    a right axis, and a dotted vertical line at every epoch where the phase changes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    FigureCanvasAgg(fig)  # Agg directly: no pyplot, no display, no global figure registry
-    ax = fig.add_subplot()
-    handles = []
-    for key, label, scale in lines:
-        if (s := _series(records, key)) is not None:
-            handles += ax.plot(s[0], [v * scale for v in s[1]], marker="o", markersize=3, label=label)
-    if twin is not None and (s := _series(records, twin[0])) is not None:
-        ax2 = ax.twinx()
-        handles += ax2.plot(s[0], s[1], color="grey", linestyle="--", marker=".", label=twin[1])
-        ax2.set_ylabel(twin[1])
-    for prev, cur in zip(records, records[1:]):
-        if cur.get("phase") != prev.get("phase"):
-            ax.axvline(cur["epoch"], color="black", linestyle=":", linewidth=1)
-            ax.annotate(str(cur.get("phase")), (cur["epoch"], 1), xycoords=("data", "axes fraction"),
-                        xytext=(2, -10), textcoords="offset points", fontsize=8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(ylim)  # None keeps autoscaling
-    ax.grid(alpha=0.3)
-    if handles:
-        ax.legend(handles=handles, loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")  # the temp name ends in .tmp, so the format must be explicit
-    return path
-
-
-def write_plots(run_dir: str | os.PathLike, records: list[dict]) -> list[Path]:
-    """plots/accuracy.png (paper Fig. 1), plots/loss.png (Fig. 2), plots/filtering.png; returns them.
-
-    Fields absent from every record are left out of the plot (an empty plot if nothing is there).
-    """
-    if not records:
-        return []
-    plots = Path(run_dir) / "plots"
-    has_noise = any(r.get("noisy_precision") is not None for r in records)
-    filtering = [("kept_fraction", "kept fraction", 1.0)]
-    if has_noise:
-        filtering += [("noisy_precision", "noise precision", 1.0), ("noisy_recall", "noise recall", 1.0)]
-    return [
-        _plot(plots / "accuracy.png", records,
-              [("train_acc", "train", 100.0), ("val_acc", "test", 100.0)], "accuracy (%)"),
-        _plot(plots / "loss.png", records,
-              [("train_loss", "train", 1.0), ("val_loss", "test", 1.0)], "cross-entropy loss"),
-        _plot(plots / "filtering.png", records, filtering, "fraction",
-              twin=("threshold", "threshold"), ylim=(0.0, 1.02)),
-    ]
 
 
 def write_suspects(run_dir: str | os.PathLike, *, indices, labels, pred, pred_prob, loss, kept, evidence=None,

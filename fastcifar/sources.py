@@ -1,4 +1,5 @@
-"""Raw data sources (npz, image folders, digits; CIFAR-100N in cifar100n.py): load, check, add noise.
+"""Raw data sources (npz, digits; image folders in imagefolder.py, CIFAR-100N in cifar100n.py): load,
+check, add noise.
 
 Every source ends as a `SourceData`: two `Split`s of uint8 images with int64 labels, clean labels
 (-1 where unknown) and sample indices 0..N-1, checked by `check_split` before anything is written.
@@ -7,7 +8,6 @@ Problems raise `DataError` with one message that names the file and says what to
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 
 NOISE_KINDS = ("symmetric", "pairflip")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
 class DataError(Exception):
@@ -147,7 +146,7 @@ def _int_labels(a: np.ndarray, what: str, n: int) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _holdout_splits(images, labels, clean, fraction, seed, what):
+def holdout_splits(images, labels, clean, fraction, seed, what):
     """(train, test, note, (train rows, test rows)) from one labelled set, stratified by (and tested
     on) the clean label where known; each split's indices are 0..N-1, its source rows returned."""
     rows = stratified_holdout(np.where(clean >= 0, clean, labels), fraction, seed)
@@ -185,113 +184,47 @@ def load_npz(path: Path, *, num_classes: int | None, holdout: float, seed: int) 
     if "class_names" in arrays:
         names = tuple(str(s) for s in arrays["class_names"].reshape(-1))
     notes, rows = [], None
+    test_labels = None
     if "test_images" in arrays:
         test_images = arrays["test_images"]
         if test_images.dtype != np.uint8 or test_images.shape[1:] != images.shape[1:]:
             raise DataError(f"{path}: test_images must be (M, {', '.join(map(str, images.shape[1:]))}) "
                             f"uint8 like images, got {test_images.shape} {test_images.dtype}")
         test_labels = _int_labels(arrays["test_labels"], f"{path}: test_labels", len(test_images))
+    given = [labels, clean] + ([] if test_labels is None else [test_labels])
+    num_classes = _num_classes(num_classes, names, given, str(path))
+    _check_npz_labels(path, num_classes, labels=labels, clean_labels=clean, test_labels=test_labels)
+    if test_labels is not None:
         train = Split(images, labels, clean, np.arange(n, dtype=np.int64))
         test = Split(test_images, test_labels, test_labels.copy(),
                      np.arange(len(test_labels), dtype=np.int64))
     else:
-        train, test, note, rows = _holdout_splits(images, labels, clean, holdout, seed, str(path))
+        train, test, note, rows = holdout_splits(images, labels, clean, holdout, seed, str(path))
         notes.append(note)
-    num_classes = _num_classes(num_classes, names, train, test, str(path))
     return SourceData(train, test, num_classes, names, f"npz:{path}", tuple(notes), source_rows=rows)
 
 
-def _num_classes(given: int | None, names, train: Split, test: Split, what: str) -> int:
+def _num_classes(given: int | None, names, label_arrays: list[np.ndarray], what: str) -> int:
     if names is not None:
         if given is not None and given != len(names):
             raise DataError(f"{what}: {len(names)} class names but --num-classes {given}")
         return len(names)
     if given is not None:
         return given
-    return int(max(train.labels.max(), test.labels.max(), train.clean_labels.max())) + 1
+    return int(max(a.max() for a in label_arrays if len(a))) + 1
 
 
-def _class_files(folder: Path) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        return {}
-    return {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith("."))
-            for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-
-
-def _read_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = min(w, h)  # centre square, then resize: no distortion
-            if (w, h) != (size, size):
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
-
-
-def _folder_split(files: dict[str, list[Path]], classes: list[str], size: int, root: Path, what: str):
-    from tqdm import tqdm
-
-    unknown = sorted(set(files) - set(classes))
-    if unknown:
-        raise DataError(f"{root}/{what}: class folders {unknown} have no counterpart in train/")
-    items = [(p, classes.index(c)) for c in sorted(files) for p in files[c]]
-    if not items:
-        raise DataError(f"{root}/{what}: no images (expected {what}/<class>/<image> files)")
-    images = np.stack([_read_image(p, size) for p, _ in tqdm(items, desc=f"reading {what}/",
-                                                             unit="img", leave=False)])
-    labels = np.array([c for _, c in items], np.int64)
-    return images, labels, [p.relative_to(root / what).as_posix() for p, _ in items]
-
-
-def _read_clean_csv(path: Path, names: list[str], classes: list[str]) -> np.ndarray:
-    """CSV with columns path (relative to train/) and clean_label (a class folder name)."""
-    row_of = {n: i for i, n in enumerate(names)}
-    clean = np.full(len(names), -1, np.int64)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read clean-label CSV ({e})") from None
-    for line, row in enumerate(rows, start=2):
-        if "path" not in row or "clean_label" not in row:
-            raise DataError(f"{path}: needs a header with columns path,clean_label")
-        if row["path"] not in row_of:
-            raise DataError(f"{path}:{line}: {row['path']!r} is not an image under train/")
-        if row["clean_label"] not in classes:
-            raise DataError(f"{path}:{line}: {row['clean_label']!r} is not a class folder name")
-        clean[row_of[row["path"]]] = classes.index(row["clean_label"])
-    return clean
-
-
-def load_imagefolder(root: Path, *, image_size: int, clean_csv: Path | None, holdout: float,
-                     seed: int) -> SourceData:
-    """root/train/<class>/*.png (and root/test/<class>/...); images centre-cropped, resized to a square."""
-    train_files = _class_files(root / "train")
-    if not train_files:
-        raise DataError(f"{root}: expected class folders under {root / 'train'} (train/<class>/<image>)")
-    classes = sorted(train_files)
-    images, labels, names = _folder_split(train_files, classes, image_size, root, "train")
-    clean = (_read_clean_csv(clean_csv, names, classes) if clean_csv
-             else np.full(len(labels), -1, np.int64))
-    notes, rows = [], None
-    test_files = _class_files(root / "test")
-    if test_files:
-        t_images, t_labels, _ = _folder_split(test_files, classes, image_size, root, "test")
-        train = Split(images, labels, clean, np.arange(len(labels), dtype=np.int64))
-        test = Split(t_images, t_labels, t_labels.copy(), np.arange(len(t_labels), dtype=np.int64))
-    else:
-        train, test, note, rows = _holdout_splits(images, labels, clean, holdout, seed, f"{root}")
-        notes.append(note)
-        names = [names[i] for i in rows[0]]
-    return SourceData(train, test, len(classes), tuple(classes), f"imagefolder:{root}",
-                      tuple(notes), tuple(names), rows)
+def _check_npz_labels(path: Path, num_classes: int, **arrays: np.ndarray | None) -> None:
+    """Label ranges in the npz's own rows (before any hold-out renumbers them); one DataError."""
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        low = -1 if name == "clean_labels" else 0  # -1: clean label unknown
+        bad = (a < low) | (a >= num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{path}: {name}[{i}] = {a[i]} is outside [{low}, {num_classes}) (row {i} of the "
+                            f"npz; {int(bad.sum())} such values); fix the labels or pass --num-classes")
 
 
 def load_digits(*, holdout: float, seed: int) -> SourceData:
@@ -305,7 +238,7 @@ def load_digits(*, holdout: float, seed: int) -> SourceData:
     images = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
     images = np.ascontiguousarray(images.numpy())
     labels = d.target.astype(np.int64)
-    train, test, note, rows = _holdout_splits(images, labels, labels.copy(), holdout, seed, "digits")
+    train, test, note, rows = holdout_splits(images, labels, labels.copy(), holdout, seed, "digits")
     return SourceData(train, test, 10, tuple(str(c) for c in range(10)),
                       "scikit-learn digits (8x8 upscaled to 32x32 RGB)", (note,), source_rows=rows)
 
@@ -325,7 +258,7 @@ def prepare_source(source: str = "cifar100n", *, data_dir: str | Path = "data/ra
                    label_sha256: str | None = None, noise: float = 0.0, noise_kind: str = "symmetric",
                    seed: int = 0, holdout: float = 0.1, image_size: int = 32,
                    clean_csv: str | Path | None = None, num_classes: int | None = None,
-                   download: bool = True) -> PreparedSource:
+                   download: bool = True, progress: bool = True) -> PreparedSource:
     """Resolve a source spec (cifar100n | npz:PATH | imagefolder:PATH | digits); download CIFAR if needed."""
     kind, _, arg = source.partition(":")
     options = dict(source=source, noise=noise, noise_kind=noise_kind if noise else None, seed=seed)
@@ -349,16 +282,18 @@ def prepare_source(source: str = "cifar100n", *, data_dir: str | Path = "data/ra
         options.update(num_classes=num_classes, holdout=holdout)
         load = lambda: load_npz(Path(arg), num_classes=num_classes, holdout=holdout, seed=seed)  # noqa: E731
     elif kind == "imagefolder" and arg:
+        from fastcifar.imagefolder import class_files, load_imagefolder
+
         root = Path(arg)
         if not root.is_dir():
             raise DataError(f"{root}: no such folder (expected {root}/train/<class>/<image>)")
         if image_size < 1:
             raise DataError(f"--image-size must be positive, got {image_size}")
-        inputs = tuple(p for c in _class_files(root / "train").values() for p in c) + tuple(
-            p for c in _class_files(root / "test").values() for p in c) + ((Path(clean_csv),) if clean_csv else ())
+        inputs = tuple(p for c in class_files(root / "train").values() for p in c) + tuple(
+            p for c in class_files(root / "test").values() for p in c) + ((Path(clean_csv),) if clean_csv else ())
         options.update(image_size=image_size, holdout=holdout, clean_csv=str(clean_csv) if clean_csv else None)
         load = lambda: load_imagefolder(root, image_size=image_size, holdout=holdout, seed=seed,  # noqa: E731
-                                        clean_csv=Path(clean_csv) if clean_csv else None)
+                                        clean_csv=Path(clean_csv) if clean_csv else None, progress=progress)
     elif kind == "digits" and not arg:
         import sklearn
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -13,20 +12,21 @@ from typing import Callable
 
 import torch
 
-from . import report
+from . import plots, report
 from .console import progress
 from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, set_rng_state
 from .checkpoint_writer import CheckpointWriter, remove_stale_temporaries
-from .config import PRESETS, Config, ConfigError, build_config, from_dict, parse_overrides, to_dict
+from .config import Config, ConfigError, from_dict, to_dict
 from .data import open_split, read_meta, resolve_backend
-from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
+from .distributed import DistInfo, barrier, init_distributed, on_main, run_on_all, shutdown
 from .engine import Engine
+from .eta import RunClock, seconds_before
 from .filtering import judge, median_threshold
+from .holdout import split_noisy_val
+from .model import build_model, count_parameters, resolve_precision
 from .optim import PhaseSGD
-from .model import ModelError, build_model, count_parameters, resolve_precision
-from .rundir import RunError, prepare_run_dir, resume_config, same_run
+from .rundir import check_same_data, create_run_dir, data_identity, same_run
 from .schedule import build_schedule
-from .sources import DataError
 
 
 class TrainingError(RuntimeError):
@@ -42,6 +42,8 @@ class Loaders:
     num_train: int
     class_names: tuple | None = None  # meta.json's, where the source has them
     paths: tuple | None = None  # the training samples' files (ImageFolder), by index
+    val: object | None = None  # train.select_on=noisy_val: held-out training rows, noisy labels
+    holdout: torch.Tensor | None = None  # (num_train,) bool CPU: rows held out for `val`
 
 
 def open_loaders(cfg: Config, device: torch.device, dist: DistInfo) -> Loaders:
@@ -94,7 +96,10 @@ class Run:
         self.schedule = build_schedule(cfg)
         arrays = {k: v.cpu() for k, v in self.loaders.score.arrays().items() if k != "images"}
         self.labels, self.clean_labels = arrays["labels"], arrays["clean_labels"]  # in index order
-        self.known = self.clean_labels >= 0
+        # (num_train,) bool CPU: rows that may train; train.select_on=noisy_val holds some out
+        self.trainable = torch.ones_like(self.labels, dtype=torch.bool) if self.loaders.holdout is None \
+            else ~self.loaders.holdout
+        self.known = (self.clean_labels >= 0) & self.trainable  # held-out rows never count as training samples
         self.noisy = self.known & (self.labels != self.clean_labels)
         train = self.loaders.train
         self.engine = Engine(cfg, self.model, self.optimizer, self.scaler, self.precision, device, dist,
@@ -105,6 +110,8 @@ class Run:
         remove_stale_temporaries(run_dir / "checkpoints")  # what a write killed mid-way left
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.best_state: dict | None = None
+        self.select_key = "val_acc" if cfg.train.select_on == "test" else "noisy_val_acc"
+        self.clock = RunClock(self.schedule)  # replaced once a resume knows the time already spent
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
@@ -139,7 +146,8 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg, started = self.cfg, time.perf_counter()
+        cfg = self.cfg
+        self.clock.start()
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             phase = self.schedule.phase(epoch)
@@ -153,23 +161,28 @@ class Run:
                                               progress=tick)
             rec.update(epoch_filter)
             rec.update(self.engine.evaluate(self.loaders.test.epoch(epoch)))
+            if self.loaders.val is not None:
+                val = self.engine.evaluate(self.loaders.val.epoch(epoch))
+                rec.update(noisy_val_loss=val["val_loss"], noisy_val_acc=val["val_acc"])
             rec.update(epoch=epoch, phase=phase.name, seconds=time.perf_counter() - t0)
             if rec.get("non_finite") or not math.isfinite(rec["train_loss"]):
                 raise TrainingError(f"the training loss is not finite in epoch {epoch} ({rec.get('non_finite')} "
                                     f"samples); stopping. The last good checkpoint is in "
                                     f"{self.run_dir / 'checkpoints'}")
-            if rec["val_acc"] > self.best_acc:
-                self.best_acc, self.best_epoch = rec["val_acc"], epoch
+            if rec[self.select_key] > self.best_acc:  # best_acc: the selection score (see train.select_on)
+                self.best_acc, self.best_epoch = rec[self.select_key], epoch
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self._log(rec, epoch, started)
-            if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch == cfg.train.epochs - 1:
-                self.save(epoch)
-            barrier(self.dist)
+            self._log(rec, epoch)
+            due = (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch == cfg.train.epochs - 1
+            # every process checks in: a failed write on rank 0 stops all of them, none waits forever
+            run_on_all(self.dist, lambda: self.save(epoch) if due else None)
 
     def _epoch_filter(self, epoch: int):
-        """Score every training sample in eval mode; train this epoch on those the selector keeps."""
+        """Score every training sample in eval mode; train this epoch on those the selector keeps
+        (held-out validation rows never train)."""
         v = self._verdict(epoch)
-        out = {"kept_fraction": float(v.keep.float().mean()), "guard_bound_steps": int(v.guard_bound),
+        pool = self.trainable.to(v.keep.device)
+        out = {"kept_fraction": float(v.keep[pool].float().mean()), "guard_bound_steps": int(v.guard_bound),
                "threshold": median_threshold(v.thresholds), "noise_rate_est": v.noise_rate_est}
         if bool(self.known.any()):
             out.update(report.noise_detection((~v.keep).cpu()[self.known], self.noisy[self.known]))
@@ -181,9 +194,11 @@ class Run:
                                               self.loaders.num_classes)
         labels = self.labels.to(losses.device)
         return judge(self.engine.selector, losses, labels, probs, self.schedule.threshold(epoch),
-                     self.cfg.filter.min_kept_fraction)
+                     self.cfg.filter.min_kept_fraction, pool=self.trainable.to(losses.device))
 
-    def _log(self, rec: dict, epoch: int, started: float) -> None:
+    def _log(self, rec: dict, epoch: int) -> None:
+        rec["elapsed_seconds"] = self.clock.elapsed()  # training time so far, earlier attempts included
+        estimate = self.clock.epoch_done(epoch, rec["seconds"])
         if not self.dist.is_main:
             return
         self.metrics.append(rec)
@@ -191,14 +206,15 @@ class Run:
         if rec.get("guard_bound_steps"):
             print(f"  note: the minimum kept fraction ({self.cfg.filter.min_kept_fraction:.0%}) raised the "
                   f"threshold in {rec['guard_bound_steps']} step(s)", flush=True)
-        if epoch == self.start_epoch:
-            left = (time.perf_counter() - started) * (self.cfg.train.epochs - epoch - 1)
-            print(f"  estimate: about {left / 60:.1f} min for the remaining epochs "
-                  f"(from this first epoch, compile time included)", flush=True)
+        if estimate:
+            print(estimate, flush=True)
 
     # -- the end --------------------------------------------------------------------------------
     def finish(self, seconds: float) -> dict:
-        """TTA for the final and best models, then summary, predictions, suspects and plots."""
+        """TTA for the final and best models, then predictions, suspects, plots and, last, the summary.
+
+        summary.json marks a finished run (a resume of it changes nothing), so it is written last.
+        """
         tta = self.cfg.train.tta
         last = self.engine.evaluate(self.loaders.test.epoch(0))
         last_tta = self.engine.evaluate(self.loaders.test.epoch(0), tta=True) if tta else {}
@@ -211,15 +227,19 @@ class Run:
         summary = {
             "final_acc": last["val_acc"], "final_acc_tta": last_tta.get("val_acc"),
             "best_acc": best["val_acc"], "best_acc_tta": best_tta.get("val_acc"), "best_epoch": self.best_epoch,
+            "best_selected_on": self.cfg.train.select_on,
             "epochs": self.cfg.train.epochs, "total_seconds": seconds, "world_size": self.dist.world_size,
             "device": device_name(self.device),
             "commit": git_commit(), **self.engine.report(),
             "checkpoint_blocking_seconds": round(self.writer.blocking_seconds, 3),
         }
+        if self.loaders.val is not None:
+            summary["best_noisy_val_acc"] = self.best_acc
         self._write_predictions()
         if self.dist.is_main:
+            base = float(self.noisy.sum() / self.known.sum()) if bool(self.known.any()) else None
+            plots.write_plots(self.run_dir, self.metrics.read(), noise_rate=base)
             report.write_summary(self.run_dir, summary)
-            report.write_plots(self.run_dir, self.metrics.read())
         return summary
 
     def _write_predictions(self) -> None:
@@ -242,6 +262,9 @@ def startup_lines(run: Run) -> list[str]:
     cfg, total_params = run.cfg, count_parameters(run.model)[0]
     phases = ", ".join(f"{p.name} {p.first_epoch}-{p.last_epoch}" for p in run.schedule.phases)
     amp = str(run.precision.dtype).replace("torch.", "") if run.precision.dtype else "off"
+    held = 0 if run.loaders.holdout is None else int(run.loaders.holdout.sum())
+    select = ("the test split (as in the paper)" if run.loaders.val is None else
+              f"{held} held-out training images with their noisy labels (never trained on)")
     return [
         f"run dir : {run.run_dir}",
         f"device  : {device_name(run.device)} x{run.dist.world_size} | amp {amp} | commit {git_commit()}",
@@ -249,32 +272,42 @@ def startup_lines(run: Run) -> list[str]:
         + "".join(f"; {note}" for note in run.engine.mode_notes),
         f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
         f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
-        f"data    : {run.loaders.num_train} train / {run.loaders.test.num_samples} test images, "
+        f"data    : {run.loaders.num_train - held} train / {run.loaders.test.num_samples} test images, "
         f"{run.loaders.num_classes} classes, backend {resolve_backend(cfg.data.backend)}"
         f"{' (data.backend=auto)' if cfg.data.backend == 'auto' else ''}, from {cfg.data.dir}",
         f"schedule: {cfg.train.epochs} epochs [{phases}], batch {cfg.train.batch_size}, lr {cfg.optim.lr}, "
         f"threshold {cfg.filter.threshold} x{cfg.filter.decay}/epoch ({cfg.filter.mode} filtering"
         f"{'' if cfg.filter.enabled else ', off'})",
+        f"best    : the epoch of highest accuracy on {select}",
     ]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastcifar.train", description=__doc__,
-                                epilog="Overrides are dotted section.field=value, e.g. train.epochs=10 "
-                                       "filter.enabled=false run.device=cpu.")
-    p.add_argument("--config", default="paper", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
-    p.add_argument("--data-dir", help="folder with train.beton, test.beton, meta.json (sets data.dir)")
-    p.add_argument("--out", help="the run directory to create (default: runs/<preset>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+def make_loaders_for(cfg: Config, device: torch.device, dist: DistInfo,
+                     make_loaders: Callable[[torch.device, DistInfo], Loaders] | None) -> Loaders:
+    """The run's loaders (.beton or `make_loaders`), with the noisy validation split held out if asked."""
+    loaders = make_loaders(device, dist) if make_loaders else open_loaders(cfg, device, dist)
+    if cfg.train.select_on == "noisy_val":
+        loaders = split_noisy_val(loaders, cfg.train.val_fraction, cfg.run.seed)
+    return loaders
+
+
+def _restore(run: Run) -> None:
+    """Continue from last.pt; a run killed before its first checkpoint starts again from epoch 0."""
+    if (run.run_dir / "checkpoints" / "last.pt").is_file():
+        run.restore()
+    elif run.dist.is_main:
+        print(f"note: {run.run_dir} has no checkpoint yet: starting it again from epoch 0", flush=True)
+        run.metrics.truncate_after(-1)
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False,
                  make_loaders: Callable[[torch.device, DistInfo], Loaders] | None = None) -> dict:
     """Train with `cfg` into `run_dir`; returns the summary (the same in every process).
 
-    `make_loaders` replaces the .beton loaders (synthetic data in benchmarks and the GPU report).
+    Data and model open before anything is written: a fresh run creates `run_dir` only then, so
+    a failed start leaves nothing behind. Under torchrun every step that can fail is agreed on by
+    all processes, so that all stop with the same error. `make_loaders` replaces the .beton
+    loaders (synthetic data in benchmarks and the GPU report).
     """
     device = resolve_device(cfg.run.device)
     dist = init_distributed(device.type)
@@ -282,40 +315,32 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False,
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     try:
-        run = Run(cfg, run_dir, dist, device, make_loaders(device, dist) if make_loaders else None)
-        if resume:
-            run.restore()
-        if dist.is_main:
-            print("\n".join(startup_lines(run)) + "\n" + report.epoch_header(), flush=True)
-        started = time.perf_counter()
-        run.train()
-        return run.finish(time.perf_counter() - started)
+        return _train(cfg, Path(run_dir), resume, make_loaders, dist, device)
     finally:
-        shutdown()
+        shutdown()  # after _train's frame (the Run, its DDP wrappers) is gone: see distributed.shutdown
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, make_loaders, dist: DistInfo, device: torch.device) -> dict:
+    if resume and not make_loaders:
+        run_on_all(dist, lambda: check_same_data(run_dir, cfg.data.dir))
+    data = None if make_loaders else run_on_all(dist, lambda: data_identity(cfg.data.dir))
+    run = run_on_all(dist, lambda: Run(cfg, run_dir, dist, device, make_loaders_for(cfg, device, dist, make_loaders)))
+    if not resume:
+        on_main(dist, lambda: create_run_dir(run_dir, cfg, data))
+    else:
+        run_on_all(dist, lambda: _restore(run))
+    run.clock = RunClock(run.schedule, seconds_before(run.metrics.read()) if resume else 0.0)
+    if dist.is_main:
+        print("\n".join(startup_lines(run)) + "\n" + report.epoch_header(), flush=True)
+    run.train()
+    return run.finish(run.clock.elapsed())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        overrides = parse_overrides(args.overrides)
-        if args.data_dir:
-            overrides["data.dir"] = args.data_dir
-        if args.resume:
-            run_dir, cfg = Path(args.resume), resume_config(Path(args.resume), overrides)
-        else:
-            cfg = build_config(args.config, overrides)
-            # Under torchrun only rank 0 creates the directory; the others learn its name from it.
-            dist = init_distributed(resolve_device(cfg.run.device).type)
-            run_dir = prepare_run_dir(cfg, args.out, args.config) if dist.is_main else None
-            run_dir = broadcast_object(run_dir, dist)
-        summary = run_training(cfg, run_dir, resume=bool(args.resume))
-    except (ConfigError, DataError, ModelError, RunError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tta = summary["best_acc_tta"]
-    print(f"done: best {summary['best_acc']:.4f} (epoch {summary['best_epoch']}), with flip TTA "
-          f"{'n/a' if tta is None else f'{tta:.4f}'}; results in {run_dir}")
-    return 0
+    """`python -m fastcifar.train`: see fastcifar.cli (arguments, --help, exit codes)."""
+    from fastcifar.cli import main as cli_main  # absolute: this file also runs as __main__
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

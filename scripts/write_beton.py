@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, metavar="C",
                    help="npz: number of classes (default: len(class_names), else the largest label + 1)")
     p.add_argument("--force", action="store_true", help="rewrite even if OUT is up to date")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (reading images and writing files)")
     return p
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             args.source, data_dir=args.data_dir, labels=args.labels, label_sha256=args.label_sha256,
             noise=args.noise, noise_kind=args.noise_kind, seed=args.seed, holdout=args.holdout,
             image_size=args.image_size, clean_csv=args.clean_csv, num_classes=args.num_classes,
-            download=not args.no_download)
+            download=not args.no_download, progress=not args.quiet)
         write_dataset(prepared, args.out_dir, force=args.force, progress=not args.quiet)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

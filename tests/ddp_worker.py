@@ -1,4 +1,5 @@
-"""A process of the two-process loader test; a module of its own so spawned children import little."""
+"""Processes of the two-process tests: the loader test's reader (a module of its own, so spawned children
+import little) and, run as a script under torchrun, the trainer followed by a report of its live threads."""
 
 from __future__ import annotations
 
@@ -16,3 +17,29 @@ def read_epoch(rank: int, world: int, path: str, port: int, results) -> None:
         results.put((rank, [b.indices.tolist() for b in loader.epoch(2)], loader.num_batches()))
     finally:
         dist.destroy_process_group()
+
+
+def native_threads() -> list[str]:
+    """Names of this process's OS threads (gloo's are gloo_tcp_loop and pt_gloo_runloop)."""
+    import os
+
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(names)
+
+
+if __name__ == "__main__":
+    # Under torchrun: `python -m fastcifar.train ARGS` in this process, then the threads still alive
+    # once it has returned, i.e. what would meet interpreter exit.
+    import sys
+
+    from fastcifar.train import main
+
+    code = main(sys.argv[1:])
+    print(f"threads after main: {native_threads()}", flush=True)
+    sys.exit(code)

@@ -65,3 +65,14 @@ def test_yaml_file_preset(tmp_path):
     path.write_text("train: [1, 2]\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         build_config(str(path))
+
+
+def test_selection_and_checkpoint_keys():
+    cfg = build_config("smoke")
+    assert cfg.train.select_on == "test" and cfg.run.checkpoint_every == 1  # a kill loses at most one epoch
+    cfg = build_config("smoke", parse_overrides(["train.select_on=noisy_val", "train.val_fraction=0.2"]))
+    assert (cfg.train.select_on, cfg.train.val_fraction) == ("noisy_val", 0.2)
+    with pytest.raises(ConfigError, match="train.select_on='val'; valid: test, noisy_val"):
+        build_config("smoke", parse_overrides(["train.select_on=val"]))
+    with pytest.raises(ConfigError, match=r"train.val_fraction must be in \(0, 1\)"):
+        build_config("smoke", parse_overrides(["train.val_fraction=1"]))

@@ -90,3 +90,56 @@ def test_a_killed_worker_ends_the_job_with_an_error(digits, tmp_path):
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def launch(nproc: int, *args: str, script: str = "-m fastcifar.train") -> subprocess.CompletedProcess:
+    """torchrun with `args` after the entry point; stdout and stderr together in .stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *script.split(), *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def worker_exits(out: str) -> list[int]:
+    """The exit codes torchrun reports for its workers (-15: stopped by torchrun once another failed)."""
+    return [int(line.split(":")[1].split()[0]) for line in out.splitlines() if line.strip().startswith("exitcode")]
+
+
+SHORT = ["--config", "smoke", "run.device=cpu", "train.epochs=2", "run.max_steps_per_epoch=1", "train.tta=false"]
+
+
+def test_repeated_two_process_runs_exit_cleanly_with_no_gloo_thread_left(digits, tmp_path):
+    """The rare SIGABRT at exit: gloo's threads outlived destroy_process_group (DDP's import of
+    torch.distributed.nn captured the live group in default arguments) and met interpreter exit."""
+    for i in range(3):
+        done = launch(2, "--data-dir", str(digits), "--out", str(tmp_path / f"r{i}"), *SHORT,
+                      script=str(ROOT / "tests" / "ddp_worker.py"))
+        out = done.stdout
+        assert done.returncode == 0 and "terminate called" not in out, out[-3000:]
+        assert out.count("done: best") == 1, out[-3000:]  # once, by rank 0
+        threads = [line for line in out.splitlines() if line.startswith("threads after main:")]
+        assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
+
+
+def test_a_run_directory_that_holds_a_run_is_one_message_and_exit_2_on_every_rank(digits, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.yaml").write_text("earlier run\n")
+    done = launch(2, "--data-dir", str(digits), "--out", str(tmp_path / "taken"), *SHORT)
+    out = done.stdout
+    assert done.returncode != 0 and out.count("already holds a run") == 1, out[-3000:]
+    codes = worker_exits(out)  # torchrun's report: the first to stop exited 2, the other 2 or was stopped
+    assert len(codes) == 2 and 2 in codes and set(codes) <= {2, -15}, out[-3000:]
+    assert "Connection closed" not in out and "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+    assert (tmp_path / "taken" / "config.yaml").read_text() == "earlier run\n"
+
+
+def test_a_failure_on_rank_0_mid_run_stops_every_rank_with_one_message(digits, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder goes\n")  # rank 0 cannot save
+    done = launch(2, "--data-dir", str(digits), "--out", str(run_dir), *SHORT)
+    out = done.stdout
+    assert done.returncode != 0 and out.count("could not write checkpoint") == 1, out[-3000:]
+    codes = worker_exits(out)
+    assert len(codes) == 2 and 2 in codes and set(codes) <= {2, -15}, out[-3000:]
+    assert "Connection closed" not in out and "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out

@@ -1,4 +1,4 @@
-"""Tests for fastcifar.report: noise scores, the metrics log, console lines, plots, suspects, pred_probs."""
+"""Tests for fastcifar.report: noise scores, the metrics log, console lines, summary, suspects, pred_probs."""
 
 import csv
 import json
@@ -10,10 +10,8 @@ import torch
 
 from fastcifar.report import (
     EPOCH_FIELDS, MetricsLog, epoch_header, format_epoch, format_table, noise_detection,
-    write_plots, write_pred_probs, write_summary, write_suspects,
+    write_pred_probs, write_summary, write_suspects,
 )
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _record(epoch: int, **extra) -> dict:
@@ -149,40 +147,13 @@ def test_format_epoch_shows_values():
         assert text in line
 
 
-# ---- summary, plots ----------------------------------------------------------------------------
+# ---- summary ----------------------------------------------------------------------------
 
 def test_write_summary(tmp_path):
     write_summary(tmp_path, {"best_val_acc": np.float32(0.5), "final": {"tta": torch.tensor(0.75)},
                              "seconds": 61.2})
     got = json.loads((tmp_path / "summary.json").read_text())
     assert got == {"best_val_acc": 0.5, "final": {"tta": 0.75}, "seconds": 61.2}
-
-
-def _assert_pngs(paths, root):
-    assert sorted(p.name for p in paths) == ["accuracy.png", "filtering.png", "loss.png"]
-    for p in paths:
-        assert p.parent == root / "plots"
-        data = p.read_bytes()
-        assert data[:8] == PNG_SIGNATURE
-        assert len(data) > 5000, f"{p.name} is suspiciously small ({len(data)} bytes)"
-    assert not list((root / "plots").glob(".*.tmp"))
-
-
-def test_write_plots_one_record(tmp_path):
-    _assert_pngs(write_plots(tmp_path, [_record(0)]), tmp_path)
-
-
-def test_write_plots_twenty_records_with_noise(tmp_path):
-    records = [_record(e, **({"noisy_precision": 0.6 + 0.01 * e, "noisy_recall": 0.3 + 0.02 * e,
-                              "noisy_f1": 0.4} if e >= 6 else {})) for e in range(20)]
-    records[0]["threshold"] = float("inf")  # no filtering yet: must be skipped, not plotted
-    _assert_pngs(write_plots(tmp_path, records), tmp_path)
-
-
-def test_write_plots_minimal_fields(tmp_path):
-    _assert_pngs(write_plots(tmp_path, [{"epoch": e, "train_loss": 1.0 / (e + 1)} for e in range(3)]),
-                 tmp_path)
-    assert write_plots(tmp_path / "empty", []) == []
 
 
 # ---- suspects.csv, pred_probs.npy --------------------------------------------------------------

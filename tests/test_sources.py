@@ -156,8 +156,10 @@ TEST = dict(test_images=np.zeros((2, 8, 8, 3), np.uint8), test_labels=np.zeros(2
     (dict(images=IM, labels=np.zeros(4, int), test_images=np.zeros((2, 9, 8, 3), np.uint8),
           test_labels=np.zeros(2, int)), "test_images must be"),
     (dict(images=IM, labels=np.array([0, 1, 2, 3]), clean_labels=np.array([0, 1, 9, -2]), **TEST),
-     r"clean label -2 .*outside \[-1"),
-    (dict(images=IM, labels=np.array([0, 1, -1, 3]), **TEST), r"label -1 at position 2"),
+     r"clean_labels\[3\] = -2 is outside \[-1, 10\) \(row 3 of the npz"),
+    (dict(images=IM, labels=np.array([0, 1, -1, 3]), **TEST), r"labels\[2\] = -1 is outside \[0, 4\) \(row 2"),
+    (dict(images=IM, labels=np.array([0, 1, 2, 3]), test_images=TEST["test_images"], test_labels=np.array([0, 7]),
+          class_names=np.array(["a", "b", "c", "d"])), r"test_labels\[1\] = 7 is outside \[0, 4\)"),
     (dict(images=IM[:2], labels=np.zeros(2, int), objects=np.array([{}], dtype=object)), "store plain"),
 ])
 def test_bad_npz_is_one_clear_error(tmp_path, arrays, message):
@@ -237,3 +239,43 @@ def test_unknown_source_and_bad_options():
         prepare_source("cifar100n", noise=0.2)
     with pytest.raises(DataError, match=r"noise rate must be in \[0, 1\)"):
         prepare_source("digits", noise=1.5).load()
+
+
+def test_npz_label_error_names_the_npz_row_even_after_a_hold_out(tmp_path):
+    labels = np.repeat(np.arange(5), 20)
+    labels[57] = 9  # out of range for 5 class names; the hold-out would renumber the rows
+    images = np.zeros((100, 4, 4, 3), np.uint8)
+    spec = _npz(tmp_path, images=images, labels=labels, class_names=np.array(list("abcde")))
+    with pytest.raises(DataError, match=r"labels\[57\] = 9 is outside \[0, 5\) \(row 57 of the npz; 1 such"):
+        prepare_source(spec).load()
+
+
+def _image_folder(root: Path, test_classes=("cat", "dog")) -> Path:
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog")), ("test", test_classes)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(root / split / c / "0.png")
+    return root
+
+
+def test_imagefolder_test_split_missing_a_class_gets_a_note(tmp_path):
+    data = prepare_source(f"imagefolder:{_image_folder(tmp_path, test_classes=('cat',))}", image_size=8).load()
+    assert any("test has no images of 1 of the 2 classes (dog)" in n for n in data.notes), data.notes
+    full = prepare_source(f"imagefolder:{_image_folder(tmp_path / 'both')}", image_size=8).load()
+    assert not any("has no images" in n for n in full.notes)
+
+
+def test_write_beton_quiet_silences_the_imagefolder_bars(tmp_path, capsys):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("write_beton", Path(__file__).resolve().parents[1] / "scripts" / "write_beton.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = _image_folder(tmp_path / "photos")
+    argv = ["--source", f"imagefolder:{folder}", "--image-size", "8"]
+    assert module.main([*argv, "--out-dir", str(tmp_path / "loud")]) == 0
+    assert "reading train/" in capsys.readouterr().err  # tqdm writes its bars to stderr
+    assert module.main([*argv, "--out-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
