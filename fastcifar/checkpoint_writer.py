@@ -9,6 +9,7 @@ so a crash at any moment leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ class CheckpointWriter:
         self.device = device
         self.blocking_seconds = 0.0
         self.writes = 0
-        self._pool: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> host buffers, reused
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # (shape, strides, dtype) -> host buffers, reused
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -57,12 +58,13 @@ class CheckpointWriter:
         return obj
 
     def _host_copy(self, t: torch.Tensor, used: dict[tuple, int]) -> torch.Tensor:
-        """Copy into the next free host buffer of t's shape and dtype (made once, pinned for CUDA)."""
-        key = (tuple(t.shape), t.dtype)
+        """Copy into the next free host buffer of t's shape, strides and dtype (made once, pinned for
+        CUDA; the strides kept, so a channels_last tensor is saved and restored as channels_last)."""
+        key = (tuple(t.shape), t.stride(), t.dtype)
         pool, i = self._pool.setdefault(key, []), used.get(key, 0)
         used[key] = i + 1
         if i == len(pool):
-            pool.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda"))
+            pool.append(torch.empty_like(t, device="cpu", pin_memory=t.device.type == "cuda"))
         return pool[i].copy_(t, non_blocking=t.device.type == "cuda")
 
     def _write(self, host: list, done) -> None:
@@ -80,6 +82,14 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         self._join()
         self.blocking_seconds += time.perf_counter() - t0
+
+    def drain(self) -> None:
+        """Let the write in flight finish, for a run that is stopping on another error (a failure
+        of this write is then only reported, so that it does not hide that error)."""
+        try:
+            self._join()
+        except CheckpointError as e:
+            print(f"note: {e}", file=sys.stderr, flush=True)
 
     def _join(self) -> None:
         if self._thread is not None:

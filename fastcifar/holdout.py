@@ -25,6 +25,7 @@ class RowsLoader:
     def __init__(self, inner, rows: np.ndarray):
         self.inner, self.rows = inner, np.asarray(rows, dtype=np.int64)
         self.num_samples, self.batch_size = inner.num_samples, inner.batch_size
+        self.image_shape = inner.image_shape
 
     def epoch(self, epoch: int, indices=None):
         """`inner.epoch` over `rows`, or over the given indices (or bool mask) that are in `rows`."""

@@ -59,10 +59,12 @@ class PhaseSGD:
         unknown = sorted(set(state["momentum"]) - known)
         if unknown:
             raise ValueError(f"optimizer state for parameters this model does not have: {unknown[:3]}")
+        params = {name: p for p, name in self.names.items()}
         for name, buf in state["momentum"].items():  # in place: the SGD of this phase holds them
-            if name in self.momentum:
-                self.momentum[name].copy_(buf)
-            else:
-                self.momentum[name] = buf.to(self.device)
+            if name not in self.momentum:
+                # laid out as its parameter (channels_last included), whatever the file's layout:
+                # the fused kernel walks parameter and buffer as one flat array each
+                self.momentum[name] = torch.empty_like(params[name], memory_format=torch.preserve_format)
+            self.momentum[name].copy_(buf)
         if self.sgd is not None:
             self.enter(self.params)

@@ -332,7 +332,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, make_loaders, dist: DistInf
     run.clock = RunClock(run.schedule, seconds_before(run.metrics.read()) if resume else 0.0)
     if dist.is_main:
         print("\n".join(startup_lines(run)) + "\n" + report.epoch_header(), flush=True)
-    run.train()
+    try:
+        run.train()
+    except BaseException:  # an error or Ctrl-C: the checkpoint being written finishes first
+        run.writer.drain()
+        raise
     return run.finish(run.clock.elapsed())
 
 

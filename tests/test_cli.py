@@ -4,31 +4,19 @@ resumes (early kills, other data, finished runs) and the time they add up to."""
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastcifar import cli, train
-from fastcifar.config import Config, build_config, valid_keys
+from fastcifar import cli
+from fastcifar.config import Config, ConfigError, build_config, valid_keys
+from fastcifar.graphs import plan_modes
 from fastcifar.engine import Engine
 from fastcifar.rundir import RESUMABLE_OVERRIDES, choose_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--config", "smoke", "run.device=cpu", "train.epochs=2", "run.max_steps_per_epoch=2", "train.tta=false"]
-
-
-def write_digits(out: Path, noise: float) -> Path:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "write_beton.py"), "--source", "digits", "--noise",
-                    str(noise), "--out-dir", str(out), "--quiet"], check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits40"), 0.4)
 
 
 def snapshot(folder: Path) -> dict:
@@ -142,12 +130,12 @@ def test_checkpoints_every_epoch_by_default_and_an_early_kill_is_resumable(digit
     assert [r["epoch"] for r in records] == [0, 1] and (run_dir / "summary.json").is_file()
 
 
-def test_resume_checks_the_data_sums_the_time_and_leaves_a_finished_run_alone(digits, tmp_path, capsys):
+def test_resume_checks_the_data_sums_the_time_and_leaves_a_finished_run_alone(digits, make_digits, tmp_path, capsys):
     run_dir = tmp_path / "run"
     start_and_kill(digits, run_dir, epoch=1)  # epoch 0 is checkpointed, epoch 1 is lost
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     before = snapshot(run_dir)
-    other = write_digits(tmp_path / "digits20", 0.2)
+    other = make_digits(tmp_path / "digits20", 0.2)
     assert cli.main(["--resume", str(run_dir), "--data-dir", str(other)]) == 2
     assert "holds other data" in capsys.readouterr().err
     assert snapshot(run_dir) == before  # nothing written
@@ -168,9 +156,16 @@ def test_resume_checks_the_data_sums_the_time_and_leaves_a_finished_run_alone(di
         assert snapshot(run_dir) == finished
 
 
-def test_the_device_line_shows_what_compile_resolved_to():
-    cfg = build_config("smoke")
+def test_the_step_line_shows_the_mode_compile_resolved_to():
+    """model.compile=auto is resolved per device: the start-up line names the mode, never "auto"."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.compile_setting(cfg.model, cpu) == "off"  # smoke: compile off
-    auto = build_config("paper", {"run.device": "cpu"}).model
-    assert train.compile_setting(auto, cpu) == "off" and train.compile_setting(auto, cuda) == "on (default)"
+    smoke, paper = build_config("smoke").model, build_config("paper").model
+    assert [m.name for m in plan_modes(smoke, cpu, distributed=False, scaler=False)[0]] == ["eager"]
+    assert [m.name for m in plan_modes(paper, cpu, distributed=False, scaler=False)[0]] == ["eager"]
+    assert [m.name for m in plan_modes(paper, cuda, distributed=False, scaler=False)[0]] == ["graphs", "compiled", "eager"]
+    modes, notes = plan_modes(paper, cuda, distributed=True, scaler=False)
+    assert [m.name for m in modes] == ["compiled", "eager"] and "DDP" in notes[0]
+    reduce = build_config("paper", {"model.compile_mode": "reduce-overhead"}).model
+    assert plan_modes(reduce, cuda, distributed=False, scaler=False)[0][0].inductor_graphs
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        plan_modes(build_config("smoke", {"model.cuda_graphs": "on"}).model, cpu, distributed=False, scaler=False)

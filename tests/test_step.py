@@ -15,7 +15,6 @@ from fastcifar.model import build_model
 from fastcifar.optim import PhaseSGD
 from fastcifar.rundir import prepare_run_dir
 from graph_check import CheckedCapture, GraphUnsafe
-from test_train import digits  # noqa: F401  (the session's digits .beton files)
 
 # Every phase boundary in four short epochs: head (0), full (1), full+filter (2, 3).
 SHORT = {"train.epochs": 4, "filter.start_epoch": 2, "run.max_steps_per_epoch": 5, "train.frozen_chunk": 64}
@@ -49,13 +48,13 @@ def no_compile(fn, name, mode, stats):
 
 
 @pytest.fixture(scope="module")
-def eager_run(digits, tmp_path_factory):  # noqa: F811
+def eager_run(digits, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eager") / "run"
     summary = run(short_cfg(digits), run_dir)
     return summary, records_of(run_dir)
 
 
-def test_the_graph_path_replays_static_steps_with_eager_results(digits, eager_run, tmp_path):  # noqa: F811
+def test_the_graph_path_replays_static_steps_with_eager_results(digits, eager_run, tmp_path):
     """Captured steps (here: checked replays on the CPU) give the eager run's numbers exactly."""
     capture = CheckedCapture()
     with pytest.MonkeyPatch.context() as mp:
@@ -95,7 +94,7 @@ def failing_compiler(fn, name, mode, stats):
 
 
 @pytest.mark.parametrize("case", ["capture-fails", "compile-fails", "both-fail"])
-def test_a_mode_that_fails_steps_down_with_one_warning(digits, eager_run, tmp_path, capsys, case):  # noqa: F811
+def test_a_mode_that_fails_steps_down_with_one_warning(digits, eager_run, tmp_path, capsys, case):
     capture = FailingCapture() if case != "compile-fails" else CheckedCapture()
     compiler = failing_compiler if case != "capture-fails" else no_compile
     modes = [Mode("graphs"), Mode("compiled"), EAGER] if case != "compile-fails" else [Mode("compiled"), EAGER]
@@ -161,7 +160,7 @@ def test_phase_sgd_equals_one_sgd_over_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_schedule_builds_each_graph_once_and_matches_eager(digits, tmp_path):  # noqa: F811
+def test_a_compiled_schedule_builds_each_graph_once_and_matches_eager(digits, tmp_path):
     """torch.compile (inductor) on the CPU through train, evaluation, TTA, scoring and every phase
     boundary, with timm's tiny test ConvNeXt. Dropout 0: inductor draws dropout masks from another
     random stream than eager PyTorch, so with dropout the two runs would differ by design."""
@@ -179,3 +178,32 @@ def test_a_compiled_schedule_builds_each_graph_once_and_matches_eager(digits, tm
     for ours, ref in zip(records_of(tmp_path / "compiled"), records_of(tmp_path / "eager"), strict=True):
         assert abs(ours["train_loss"] - ref["train_loss"]) < 1e-3, ours["epoch"]
     assert abs(compiled["best_acc_tta"] - eager["best_acc_tta"]) <= 1 / 179  # one test image at most
+
+
+def test_phase_sgd_resumes_momentum_in_its_parameters_layout():
+    """A checkpoint's momentum, whatever its memory layout, goes into buffers laid out as the
+    parameters (channels_last convolutions): the fused kernel walks both as flat arrays."""
+    cfg, device = OptimConfig(lr=0.1), torch.device("cpu")
+    model = build_model(build_config("smoke").model)  # channels_last, like every preset
+    live = PhaseSGD(model, cfg, device)
+    live.enter(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    live.lr.fill_(0.1)
+    live.sgd.step()
+    saved = {k: v.contiguous() for k, v in live.state_dict()["momentum"].items()}  # a contiguous file
+    assert any(not v.is_contiguous() for v in live.state_dict()["momentum"].values())  # there is a case
+    twin = build_model(build_config("smoke").model)
+    twin.load_state_dict(model.state_dict())
+    resumed = PhaseSGD(twin, cfg, device)
+    resumed.load_state_dict({"momentum": saved})
+    resumed.enter(twin.parameters())
+    g = torch.Generator().manual_seed(1)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        a.grad = torch.randn(a.shape, generator=g).to(memory_format=torch.preserve_format)
+        b.grad = a.grad.clone()
+    for opt in (live, resumed):
+        opt.lr.fill_(0.1)
+        opt.sgd.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
