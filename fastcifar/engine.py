@@ -14,7 +14,7 @@ from .augment import TrainAugment, train_key
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
 from .filtering import median_threshold
-from .graphs import CompileStats, CudaGraphCapture, Mode, ModeLadder, plan_modes
+from .graphs import CompileStats, CudaGraphCapture, Mode, ModeLadder, inductor_cache_dir, plan_modes
 from .model import NoisyLabelNet, Precision
 from .optim import PhaseSGD
 from .schedule import Phase, Schedule
@@ -189,4 +189,15 @@ class Engine:
         c = self.ctx
         return {"step_mode": c.ladder.mode.describe(), "mode_fallbacks": list(c.ladder.fallbacks),
                 "mode_notes": list(self.mode_notes), "compile_graphs": dict(c.compile_stats.graphs),
-                "compile_seconds": round(c.compile_stats.seconds, 2)}
+                "compile_seconds": round(c.compile_stats.seconds, 2),
+                "inductor_cache": inductor_cache_dir() if c.compile_stats.graphs else None}
+
+    def compile_note(self, since: dict) -> str | None:
+        """A console line naming the graphs compiled since `since` (a `compile_graphs` dict) and the
+        seconds compilation has taken so far; None when nothing new was compiled."""
+        stats = self.ctx.compile_stats
+        new = {k: v - since.get(k, 0) for k, v in stats.graphs.items() if v > since.get(k, 0)}
+        if not new:
+            return None
+        return (f"  compiled: {', '.join(new)} ({sum(new.values())} graph(s)); {stats.seconds:.1f} s of "
+                f"compilation so far (cache: {inductor_cache_dir()})")

@@ -100,6 +100,21 @@ class CompileStats:
         return sum(self.graphs.values())
 
 
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled graphs between runs (TORCHINDUCTOR_CACHE_DIR, else a folder
+    in the system's temporary directory): a second run with the same shapes compiles from it."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # older layouts of torch: the documented default
+        import getpass
+        import os
+        import tempfile
+
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                          f"torchinductor_{getpass.getuser()}")
+    return cache_dir()
+
+
 def _unique_graphs() -> int:
     from torch._dynamo.utils import counters
 

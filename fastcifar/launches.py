@@ -108,8 +108,13 @@ class _Counter(TorchDispatchMode):
         namespace, _, name = func._schema.name.rpartition("::")
         if name in _SYNCS and namespace == "aten":
             return self._sync(func, name, args, kwargs)
-        out = func(*args, **kwargs)
         key = f"{namespace}.{name}"
+        if name.startswith("_fused_") and not func._schema.returns:
+            # The fused optimizers have no fake (meta) kernel; they only update their inputs in
+            # place, which fake tensors do not need: count them without running them.
+            self._add(key, self._launches(name, namespace, args, kwargs))
+            return None
+        out = func(*args, **kwargs)
         if namespace == "prim" or name in _FREE or _is_view(func):
             self.count.free[key] += 1
         elif not any(t.device.type == "cuda" for t in _tensors((args, kwargs, out))):

@@ -201,7 +201,9 @@ class Precision:
     def autocast(self, device: torch.device):
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
+        # No cast cache: a step captured as a CUDA graph must recast every step (PyTorch's CUDA-graph
+        # notes ask for cache_enabled=False), and each weight is used once per forward anyway.
+        return torch.autocast(device.type, dtype=self.dtype, cache_enabled=False)
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
@@ -212,10 +214,3 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16":
         return Precision(torch.float16, True)
     return Precision(torch.bfloat16, False)
-
-
-def maybe_compile(fn, cfg: ModelConfig, device: torch.device):
-    """torch.compile `fn` when asked ("on") or by default on CUDA ("auto"), in cfg.compile_mode."""
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-        return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    return fn

@@ -32,9 +32,13 @@ class PhaseSGD:
     def enter(self, params: Iterable[nn.Parameter]) -> None:
         """Step `params` from now on (their momentum buffers, if any, carry over)."""
         self.params = tuple(params)
-        self.sgd = torch.optim.SGD(self.params, lr=self.lr, momentum=self.cfg.momentum,
+        self.sgd = torch.optim.SGD(self.params, lr=0.0, momentum=self.cfg.momentum,
                                    nesterov=self.cfg.nesterov, weight_decay=self.cfg.weight_decay,
                                    fused=True)
+        # The tensor goes in after construction: SGD's own check of a tensor lr (lr < 0) would read
+        # it back to the host.
+        for group in self.sgd.param_groups:
+            group["lr"] = self.lr
         if self.cfg.momentum == 0:
             return
         # A new buffer starts at zero, which is SGD's first step exactly (0 * momentum + grad = grad,

@@ -135,8 +135,9 @@ _COLUMNS = (
     ("epoch", "epoch", 5, "d"), ("phase", "phase", 11, "s"), ("lr", "lr", 8, ".2e"),
     ("threshold", "thresh", 6, ".3f"), ("kept_fraction", "kept%", 6, "%"),
     ("train_loss", "loss", 7, ".4f"), ("val_acc", "val%", 6, "%"),
-    ("noisy_precision", "noiseP", 6, "%"), ("noisy_recall", "noiseR", 6, "%"), ("seconds", "sec", 7, ".1f"),
-)
+    ("noisy_precision", "noiseP", 6, "%"), ("noisy_recall", "noiseR", 6, "%"),
+    ("noise_rate_est", "noise~", 6, "%"), ("seconds", "sec", 7, ".1f"),
+)  # noise~: the selector's estimate of the share of wrong labels (filter.keep_fraction=0 keeps the rest)
 
 
 def _cell(value: Any, width: int, fmt: str) -> str:

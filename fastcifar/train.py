@@ -110,6 +110,7 @@ class Run:
         remove_stale_temporaries(run_dir / "checkpoints")  # what a write killed mid-way left
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
         self.best_state: dict | None = None
+        self._compiled: dict = {}  # the graphs compiled by the last epoch line (to name the new ones)
         self.select_key = "val_acc" if cfg.train.select_on == "test" else "noisy_val_acc"
         self.clock = RunClock(self.schedule)  # replaced once a resume knows the time already spent
 
@@ -199,10 +200,14 @@ class Run:
     def _log(self, rec: dict, epoch: int) -> None:
         rec["elapsed_seconds"] = self.clock.elapsed()  # training time so far, earlier attempts included
         estimate = self.clock.epoch_done(epoch, rec["seconds"])
+        compiled = self.engine.compile_note(self._compiled)
+        self._compiled = dict(self.engine.ctx.compile_stats.graphs)
         if not self.dist.is_main:
             return
         self.metrics.append(rec)
         print(report.format_epoch(rec), flush=True)
+        if compiled:
+            print(compiled, flush=True)
         if rec.get("guard_bound_steps"):
             print(f"  note: the minimum kept fraction ({self.cfg.filter.min_kept_fraction:.0%}) raised the "
                   f"threshold in {rec['guard_bound_steps']} step(s)", flush=True)

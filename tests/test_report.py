@@ -142,8 +142,8 @@ def test_format_epoch_width_is_constant():
 
 def test_format_epoch_shows_values():
     line = format_epoch(_record(25, phase="filter", kept_fraction=0.873, val_acc=0.7043,
-                                noisy_precision=0.81, noisy_recall=0.42, seconds=0.61))
-    for text in ("25", "filter", "87.3", "70.4", "81.0", "42.0", "0.6"):
+                                noisy_precision=0.81, noisy_recall=0.42, noise_rate_est=0.397, seconds=0.61))
+    for text in ("25", "filter", "87.3", "70.4", "81.0", "42.0", "39.7", "0.6"):
         assert text in line
 
 
@@ -199,6 +199,24 @@ def test_write_suspects_with_clean_labels(tmp_path):
     position = {int(i): k for k, i in enumerate(inputs["indices"])}
     for idx, r in by_index.items():
         assert int(r["clean_label"]) == clean[position[idx]]
+
+
+def test_write_suspects_ranks_by_evidence_with_names_and_paths(tmp_path):
+    inputs = _suspect_inputs()
+    evidence = torch.from_numpy(np.random.default_rng(1).normal(size=50)).float()
+    names = [f"class-{c}" for c in range(10)]
+    paths = [f"train/c/{i}.png" for i in range(50)]  # by sample index, like the indices column
+    inputs["indices"] = torch.arange(50)
+    rows = _read_csv(write_suspects(tmp_path, **inputs, evidence=evidence, class_names=names, paths=paths))
+    assert list(rows[0]) == ["index", "given_label", "given_name", "predicted_label", "predicted_name",
+                             "predicted_prob", "loss", "evidence", "kept", "path"]
+    scores = [float(r["evidence"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)  # the selector's evidence, not the loss, ranks
+    assert [float(r["loss"]) for r in rows] != sorted((float(r["loss"]) for r in rows), reverse=True)
+    for r in rows:
+        i = int(r["index"])
+        assert r["given_name"] == names[int(r["given_label"])] and r["predicted_name"] == names[int(r["predicted_label"])]
+        assert r["path"] == paths[i] and float(r["evidence"]) == pytest.approx(float(evidence[i]), rel=1e-5)
 
 
 def test_write_suspects_validates(tmp_path):
