@@ -110,7 +110,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-PRESETS = ("paper", "authors", "hires", "smoke")
+PRESETS = ("paper", "authors", "hires", "smoke", "demo")
 
 _CHOICES = {
     ("data", "backend"): ("auto", "ffcv", "memory"),

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""The sample-selection study: every selector on the digits with 40% noise, three settings, several seeds.
+
+Settings (presets `demo` and `smoke`, on scikit-learn's digits with 40% symmetric or pair-flip noise):
+  frozen   the pretrained EfficientNet-Lite0 of `demo`, its backbone frozen throughout (head only)
+  full     `demo` as it is: freeze -> unfreeze -> select -> flip TTA
+  scratch  `smoke`: a tiny ConvNeXt from random initialisation
+Selectors: none (filter.enabled=false), threshold (the paper's), class_quantile (keep 60% per
+class), gmm, estimated (class_quantile keeping 1 - the estimated noise rate per class).
+Each run is `python -m fastcifar.train` in its own process; a finished run (summary.json) is not
+run again, so the study can be stopped and continued. The results (mean and standard deviation
+over seeds) go to OUT/selection-study.json and .md, and with --results also to that folder.
+
+  python scripts/selection_study.py --out runs/study --results benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"frozen": ("demo", ["train.freeze_epochs=12"]), "full": ("demo", []), "scratch": ("smoke", [])}
+SELECTORS = {"none": ["filter.enabled=false"], "threshold": ["filter.selector=threshold"],
+             "class_quantile": ["filter.selector=class_quantile", "filter.keep_fraction=0.6"],
+             "gmm": ["filter.selector=gmm"], "estimated": ["filter.selector=class_quantile", "filter.keep_fraction=0"]}
+METRICS = ("best_acc", "best_acc_tta", "final_acc", "final_acc_tta", "noisy_precision", "noisy_recall", "noisy_f1",
+           "kept_fraction", "min_kept_fraction", "noise_rate_est", "ours_p@100", "ours_p@true",
+           "cleanlab_p@100", "cleanlab_p@true", "seconds")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for the data, the runs and the tables")
+    p.add_argument("--results", help="also write the tables here (e.g. benchmarks/results)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: %(default)s")
+    p.add_argument("--selectors", default=",".join(SELECTORS), help="comma-separated: %(default)s")
+    p.add_argument("--kinds", default="symmetric,pairflip", help="noise kinds: %(default)s")
+    p.add_argument("--seeds", default="0,1,2", help="run.seed values: %(default)s")
+    p.add_argument("--noise", type=float, default=0.4, help="share of wrong labels (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def write_data(out: Path, kind: str, noise: float) -> Path:
+    from fastcifar.beton import write_digits_betons
+
+    folder = out / f"digits-{kind}-{noise:g}"
+    write_digits_betons(folder, noise=noise, kind=kind)
+    return folder
+
+
+def run_one(data: Path, run_dir: Path, setting: str, selector: str, seed: int) -> None:
+    preset, extra = SETTINGS[setting]
+    cmd = [sys.executable, "-m", "fastcifar.train", "--config", preset, "--data-dir", str(data), "--out",
+           str(run_dir), "run.device=cpu", f"run.seed={seed}", *extra, *SELECTORS[selector]]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (run_dir.parent / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise SystemExit(f"{run_dir}: exit {done.returncode}\n{done.stderr[-2000:]}")
+
+
+def measure(run_dir: Path) -> dict:
+    """One run's numbers: its summary, its last epoch, the smallest kept share, label-issue precision."""
+    from fastcifar.labelcheck import compare
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last, filtered = records[-1], [r for r in records if r.get("threshold") is not None]
+    out = {k: summary.get(k) for k in ("best_acc", "best_acc_tta", "final_acc", "final_acc_tta")}
+    out.update({k: last.get(k) for k in ("noisy_precision", "noisy_recall", "noisy_f1", "kept_fraction",
+                                         "noise_rate_est")})
+    out["min_kept_fraction"] = min((r["kept_fraction"] for r in filtered), default=None)
+    out["seconds"] = summary.get("total_seconds")
+    try:
+        out.update(compare(run_dir))
+    except ImportError:  # cleanlab missing: our ranking alone
+        out.update(compare(run_dir, with_cleanlab=False))
+    return out
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def table(rows: list[dict], kind: str) -> str:
+    cols = ("best_acc", "best_acc_tta", "final_acc", "noisy_precision", "noisy_recall", "noisy_f1",
+            "min_kept_fraction", "noise_rate_est", "ours_p@true", "cleanlab_p@true")
+    pct = lambda m, s: "–" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
+    lines = [f"### {kind} noise", "", "| setting | selector | " + " | ".join(cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for r in (r for r in rows if r["kind"] == kind):
+        lines.append(f"| {r['setting']} | {r['selector']} | " + " | ".join(pct(*r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows, t0 = [], time.time()
+    for kind in args.kinds.split(","):
+        data = write_data(out, kind, args.noise)
+        for setting in args.settings.split(","):
+            for selector in args.selectors.split(","):
+                runs = []
+                for seed in seeds:
+                    run_dir = out / "runs" / f"{kind}-{setting}-{selector}-s{seed}"
+                    if not (run_dir / "summary.json").is_file():
+                        print(f"[{time.time() - t0:6.0f} s] {run_dir.name}", flush=True)
+                        run_one(data, run_dir, setting, selector, seed)
+                    runs.append(measure(run_dir))
+                rows.append({"kind": kind, "setting": setting, "selector": selector, "seeds": seeds,
+                             **{m: mean_std([r.get(m) for r in runs]) for m in METRICS}, "runs": runs})
+    result = {"noise": args.noise, "rows": rows, "note": "mean, standard deviation over seeds; fractions in [0, 1]"}
+    text = ("# Sample selection on the digits (scikit-learn), 40% label noise\n\n"
+            f"Mean ± standard deviation over seeds {seeds}, in percent. Produced by `scripts/selection_study.py`.\n\n"
+            + "\n\n".join(table(rows, kind) for kind in args.kinds.split(",")) + "\n")
+    for folder in filter(None, (out, args.results and Path(args.results))):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "selection-study.json").write_text(json.dumps(result, indent=1) + "\n")
+        (folder / "selection-study.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
