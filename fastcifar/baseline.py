@@ -214,10 +214,10 @@ def time_ours(cfg: Config, loaders, device: torch.device, run_dir: Path, note: s
     warm_batches = 2 * max(cfg.train.frozen_chunk // cfg.train.batch_size, 1)
     out = {}
     for name, epoch in (("head", 0), ("full", cfg.train.freeze_epochs)):
-        engine.train_epoch(epoch, itertools.islice(train.epoch(epoch), warm_batches), steps, run.loaders.num_train)
+        engine.train_epoch(epoch, itertools.islice(train.epoch(epoch), warm_batches), steps)
         sync(device)
         t0 = time.perf_counter()
-        rec = engine.train_epoch(epoch, train.epoch(epoch), steps, run.loaders.num_train)
+        rec = engine.train_epoch(epoch, train.epoch(epoch), steps)
         sync(device)
         out[name] = (time.perf_counter() - t0, rec["steps"] * cfg.train.batch_size)
     engine.evaluate(itertools.islice(run.loaders.test.epoch(0), 2))

@@ -215,7 +215,7 @@ def fold_part(name: str, got: dict, result: dict, work: Path) -> None:
     benchmark rows) into the result set."""
     if name == "check":
         result["check"] = read_json(work / "check.json") or {}
-        bad = [k for k, v in result["check"].items() if not v.get("ok")]
+        bad = [k for k, v in result["check"].items() if v.get("ok") is not True and not v.get("skipped")]
         if bad and got["part"]["status"] == "ok":
             got["part"].update(status="failed", why=f"checks failed: {', '.join(bad)}")
     elif name == "steps":

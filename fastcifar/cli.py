@@ -27,7 +27,7 @@ from .train import TrainingError, resolve_device, run_training
 # Errors that are the user's to fix (or a run that cannot go on): one line, exit 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, ModelError, RunError, CheckpointError, TrainingError)
 # Shipped presets that train ConvNeXt-Base for 100 epochs: days on a CPU.
-GPU_PRESETS = ("paper", "authors", "hires")
+GPU_PRESETS = ("paper", "plus", "authors", "hires")
 
 
 def field_notes() -> dict[str, str]:

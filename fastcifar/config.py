@@ -51,7 +51,7 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
     image_size: int = 32  # pixels; larger than the data resizes on the device (bilinear)
     mean: tuple = CIFAR100_MEAN  # per channel, on [0, 1] pixels
-    std: tuple = CIFAR100_STD
+    std: tuple = CIFAR100_STD  # per channel, on [0, 1] pixels
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class OptimConfig:
     nesterov: bool = False  # Nesterov momentum (the authors' code)
     weight_decay: float = 5e-4  # L2, on every parameter
     warmup_epochs: int = 5  # linear warm-up, then cosine to 0 at the last epoch
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of the target spread over all classes (0.1 in the authors' code)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    enabled: bool = True
+    enabled: bool = True  # drop samples the selector rejects (false: train on every sample)
     mode: str = "batch"  # batch (drop within each batch) | epoch (score all, train on kept)
     start_epoch: int = 25  # first epoch that filters
     threshold: float = 2.0  # nats, at start_epoch
@@ -110,7 +110,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-PRESETS = ("paper", "authors", "hires", "smoke", "demo")
+PRESETS = ("paper", "plus", "authors", "hires", "smoke", "demo")
 
 _CHOICES = {
     ("data", "backend"): ("auto", "ffcv", "memory"),

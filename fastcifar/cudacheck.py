@@ -9,7 +9,10 @@ max |a − b|), and never raises: a failure is recorded with its error and the n
     augment     train_augment on the device against the CPU, same keys (bit-exact up to 1e-5);
     model_step  the model's fp32 logits on the device against the CPU (TF32 off), then one
                 mixed-precision training step there (augment -> model -> masked loss -> SGD):
-                a finite loss near the CPU's, finite gradients, parameters that moved.
+                a finite loss near the CPU's, finite gradients, parameters that moved;
+    graph_step  the trainer's own steps captured as CUDA graphs against the same steps eagerly
+                (a tiny model, fp32): the same parameters after a head, a full and a filtering
+                epoch, and no fall-back from the graphs mode.
 """
 
 from __future__ import annotations
@@ -140,10 +143,63 @@ def check_model_step(device: torch.device, model_name: str, seed: int = 0) -> di
             "ok": ok}
 
 
+def _engine_run(device: torch.device, modes, steps: int, capture=None) -> tuple[dict, str, dict]:
+    """The smoke preset's tiny test ConvNeXt (fp32, dropout 0) through `steps` steps of a head,
+    a full and a filtering epoch on synthetic data: (parameters, the mode that ran, evaluation)."""
+    from fastcifar.config import build_config
+    from fastcifar.distributed import DistInfo
+    from fastcifar.engine import Engine
+    from fastcifar.model import build_model, resolve_precision
+    from fastcifar.optim import PhaseSGD
+    from fastcifar.schedule import build_schedule
+    from fastcifar.synthetic import synthetic_loaders
+
+    cfg = build_config("smoke", {"model.name": "test_convnext", "model.dropout": "0", "model.amp": "off",
+                                 "run.device": device.type, "train.batch_size": "32", "train.test_batch_size": "64",
+                                 "train.frozen_chunk": "64"})
+    single = DistInfo(0, 1, 0)
+    loaders = synthetic_loaders(cfg, num_train=512, num_test=128, noise=0.4)(device, single)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    none = torch.zeros(loaders.num_train, dtype=torch.bool)
+    engine = Engine(cfg, model, PhaseSGD(model, cfg.optim, device), torch.amp.GradScaler(device.type, enabled=False),
+                    resolve_precision("off", device), device, single, build_schedule(cfg), none, none,
+                    num_samples=loaders.num_train, image_shape=loaders.train.image_shape,
+                    max_steps=loaders.train.num_batches(), modes=modes, capture=capture, log=lambda line: None)
+    for epoch in (0, cfg.train.freeze_epochs, cfg.filter.start_epoch):  # head, full, full+filter
+        engine.train_epoch(epoch, loaders.train.epoch(epoch), steps)
+    evaluation = engine.evaluate(loaders.test.epoch(0), tta=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, engine.mode, evaluation
+
+
+def check_graph_step(device: torch.device, steps: int = 6, capture=None) -> dict:
+    """fastcifar's own steps captured as CUDA graphs (the frozen chunk, the head, the full step,
+    evaluation) against the same steps eagerly, from the same start: the parameters after every
+    phase, and the graphs mode must be what ran (no fall-back). TF32 off: fp32 both ways.
+    capture: a stand-in for CUDA-graph capture (the CPU tests'); without one, CUDA only."""
+    from fastcifar.graphs import EAGER, Mode
+
+    if capture is None and device.type != "cuda":
+        return {"ok": None, "skipped": "CUDA graphs need a CUDA device"}
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager, _, eager_eval = _engine_run(device, [EAGER], steps)
+        graphed, mode, graphed_eval = _engine_run(device, [Mode("graphs"), EAGER], steps, capture)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    err = max(rel_err(graphed[k], eager[k]) for k in eager)
+    ok = mode == "graphs" and err <= 1e-3 and abs(graphed_eval["val_loss"] - eager_eval["val_loss"]) <= 1e-3
+    return {"mode_ran": mode, "params_max_rel_err": err, "val_loss_graphs": graphed_eval["val_loss"],
+            "val_loss_eager": eager_eval["val_loss"], "ok": ok}
+
+
 def run_checks(device: torch.device, model_name: str, save: Callable[[dict], None]) -> dict:
     """Every check in turn, `save(results so far)` after each (a killed run keeps what it did)."""
     checks = {"kernel": lambda: check_kernel(device), "augment": lambda: check_augment(device),
-              "model_step": lambda: check_model_step(device, model_name)}
+              "model_step": lambda: check_model_step(device, model_name),
+              "graph_step": lambda: check_graph_step(device)}
     results: dict = {}
     for name, check in checks.items():
         t0 = time.perf_counter()

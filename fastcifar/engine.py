@@ -112,12 +112,11 @@ class Engine:
         return lrs
 
     # -- training -------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, batches: Iterable, steps_in_epoch: int, num_samples: int | None = None,
-                    batch_filtering: bool = True, progress: Callable[[], None] = lambda: None) -> dict:
+    def train_epoch(self, epoch: int, batches: Iterable, steps_in_epoch: int, batch_filtering: bool = True,
+                    progress: Callable[[], None] = lambda: None) -> dict:
         """One epoch of at most `steps_in_epoch` optimizer steps; its training metrics as plain numbers.
 
         batch_filtering=False trains on every sample given (epoch-level filtering chose them).
-        num_samples: unused (the statistics cover the training split the engine was made for).
         """
         phase = self.schedule.phase(epoch)
         self.enter_phase(phase)

@@ -86,6 +86,7 @@ class _Runner:
         self.ctx = ctx
         self._impl: dict[str, Callable[[], None]] = {}
         self._graphed: dict[str, Graphed] = {}
+        self._compiled: dict = {}  # torch.compile mode -> compiled forward (graphs and compiled share one)
 
     def forward(self, *args):  # the traced part, overridden
         raise NotImplementedError
@@ -96,7 +97,9 @@ class _Runner:
     def _build(self, mode: Mode) -> Callable[[], None]:
         if mode.name == "eager":
             return lambda: self.body(self.forward)
-        forward = compile_fn(self.forward, self.name, mode, self.ctx.compile_stats)
+        if mode.compile_mode not in self._compiled:  # a step down from graphs reuses what compiled
+            self._compiled[mode.compile_mode] = compile_fn(self.forward, self.name, mode, self.ctx.compile_stats)
+        forward = self._compiled[mode.compile_mode]
         if mode.name == "compiled":
             if mode.inductor_graphs:  # inductor's graphs reuse their outputs' memory at the next step
                 return lambda: (torch.compiler.cudagraph_mark_step_begin(), self.body(forward))

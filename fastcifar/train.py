@@ -158,8 +158,7 @@ class Run:
                 steps = min(steps, cfg.run.max_steps_per_epoch)
             with progress(steps, f"epoch {epoch}", enabled=self.dist.is_main) as tick:
                 rec = self.engine.train_epoch(epoch, self.loaders.train.epoch(epoch, subset), steps,
-                                              self.loaders.num_train, batch_filtering=subset is None,
-                                              progress=tick)
+                                              batch_filtering=subset is None, progress=tick)
             rec.update(epoch_filter)
             rec.update(self.engine.evaluate(self.loaders.test.epoch(epoch)))
             if self.loaders.val is not None:

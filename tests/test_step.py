@@ -207,3 +207,16 @@ def test_phase_sgd_resumes_momentum_in_its_parameters_layout():
         opt.sgd.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_the_gpu_reports_graph_check_compares_captured_and_eager_steps(monkeypatch):
+    """fastcifar.cudacheck.check_graph_step, run here with the CPU capture stand-in: the same
+    parameters and evaluation both ways, and it knows when graphs did not run."""
+    from fastcifar import cudacheck
+
+    monkeypatch.setattr(step, "compile_fn", no_compile)
+    out = cudacheck.check_graph_step(torch.device("cpu"), steps=3, capture=CheckedCapture())
+    assert out["ok"] and out["mode_ran"] == "graphs" and out["params_max_rel_err"] == 0.0
+    failed = cudacheck.check_graph_step(torch.device("cpu"), steps=3, capture=FailingCapture())
+    assert failed["mode_ran"] == "eager" and not failed["ok"]  # it fell back: not a pass
+    assert cudacheck.check_graph_step(torch.device("cpu"))["ok"] is None  # no CUDA: skipped, says why
