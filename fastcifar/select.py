@@ -352,6 +352,20 @@ class Selector:
             getattr(self, key).copy_(state[key])
 
 
+def describe(cfg: FilterConfig) -> str:
+    """What the filter does, in words, for the start-up line."""
+    if not cfg.enabled:
+        return "filtering off"
+    if cfg.selector == "threshold":
+        rule = f"threshold {cfg.threshold} x{cfg.decay}/epoch"
+    elif cfg.selector == "class_quantile":
+        share = f"{100 * cfg.keep_fraction:g}%" if cfg.keep_fraction else "1 - the estimated noise rate"
+        rule = f"keep {share} of each label, lowest loss first (class_quantile)"
+    else:
+        rule = "keep each label's low-loss mixture component (gmm)"
+    return f"{rule}, {cfg.mode} filtering"
+
+
 def build_selector(cfg: FilterConfig, num_classes: int, device, **kwargs) -> Selector:
     """The selector `cfg.selector` names; kwargs go to Selector (bins, max_loss, em_iters, grid)."""
     problems = []

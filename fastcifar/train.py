@@ -27,6 +27,7 @@ from .model import build_model, count_parameters, resolve_precision
 from .optim import PhaseSGD
 from .rundir import check_same_data, create_run_dir, data_identity, same_run
 from .schedule import build_schedule
+from .select import describe as describe_filter
 
 
 class TrainingError(RuntimeError):
@@ -280,8 +281,7 @@ def startup_lines(run: Run) -> list[str]:
         f"{run.loaders.num_classes} classes, backend {resolve_backend(cfg.data.backend)}"
         f"{' (data.backend=auto)' if cfg.data.backend == 'auto' else ''}, from {cfg.data.dir}",
         f"schedule: {cfg.train.epochs} epochs [{phases}], batch {cfg.train.batch_size}, lr {cfg.optim.lr}, "
-        f"threshold {cfg.filter.threshold} x{cfg.filter.decay}/epoch ({cfg.filter.mode} filtering"
-        f"{'' if cfg.filter.enabled else ', off'})",
+        + describe_filter(cfg.filter),
         f"best    : the epoch of highest accuracy on {select}",
     ]
 

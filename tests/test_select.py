@@ -369,3 +369,15 @@ def test_config_keys_parse_and_validate():
                          ("filter.keep_fraction=0.5", "class_quantile only")]:
         with pytest.raises(ConfigError, match=r"(?s)" + message.replace("(", r"\(").replace(")", r"\)")):
             build_config("paper", parse_overrides([bad]))
+
+
+def test_the_start_up_line_names_what_the_filter_does():
+    from fastcifar.config import FilterConfig
+    from fastcifar.select import describe
+
+    assert describe(FilterConfig(enabled=False)) == "filtering off"
+    assert describe(FilterConfig()) == "threshold 2.0 x0.995/epoch, batch filtering"
+    assert describe(FilterConfig(selector="class_quantile", keep_fraction=0.6, mode="epoch")) == (
+        "keep 60% of each label, lowest loss first (class_quantile), epoch filtering")
+    assert "estimated noise rate" in describe(FilterConfig(selector="class_quantile"))
+    assert "(gmm)" in describe(FilterConfig(selector="gmm"))
