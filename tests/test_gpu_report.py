@@ -305,7 +305,9 @@ def test_miniature_from_an_uninstalled_copy_without_ffcv(tmp_path):
     assert {k: p["status"] for k, p in r["parts"].items()} == {
         "check": "ok", "steps": "ok", "schedule": "ok", "baseline": "ok", "components": "skipped", "tests": "skipped"}
     assert "ffcv does not import" in r["loader_note"]
-    assert all(c["ok"] for c in r["check"].values())
+    # every check passed, or was skipped with its reason (the CUDA-graph check needs a CUDA device)
+    assert all(c["ok"] is True or (c["ok"] is None and c["skipped"]) for c in r["check"].values()), r["check"]
+    assert r["check"]["kernel"]["ok"] and r["check"]["model_step"]["ok"]
     assert "eager" in r["step_ms"]["full"] and r["step_ms"]["full"]["eager"] > 0
     assert r["schedule_projected"] is True and r["schedule"]["epochs_run"] == 3 and r["schedule_seconds"] > 0
     assert r["baseline_seconds"] > 0 and r["speedup_vs_baseline"] == pytest.approx(
