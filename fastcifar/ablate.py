@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastcifar.ablate", description=__doc__)
     p.add_argument("--config", default="paper", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
     p.add_argument("--data-dir", help="folder with train.beton, test.beton, meta.json")
-    p.add_argument("--out", default="runs/ablations", help="folder for the three runs and the table")
+    p.add_argument("--out", default="runs/ablations", help="folder for the variants' runs and the table")
     p.add_argument("--backbone", default="resnext50_32x4d", help="the other backbone (timm name)")
     p.add_argument("--variants", default=PAPER_VARIANTS,
                    help=f"comma-separated, of: {', '.join(variants(''))} (default: %(default)s)")

@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             done = on_main(dist, lambda: finished_summary(Path(args.resume)))
             if done is not None:
                 if rank == 0:
+                    acc = done.get("best_acc")
+                    acc = f"{acc:.4f}" if isinstance(acc, (int, float)) else "not recorded"
                     print(f"{args.resume} is finished (best epoch {done.get('best_epoch')}, test accuracy "
-                          f"{done.get('best_acc'):.4f}); nothing to do, nothing changed. Start a new run with "
+                          f"{acc}); nothing to do, nothing changed. Start a new run with "
                           f"--out to train again.")
                 return 0
             run_dir = Path(args.resume)

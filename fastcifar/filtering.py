@@ -21,7 +21,9 @@ class Verdict:
     """A selector's decision over every training sample (all tensors (N,), in index order)."""
 
     keep: Tensor  # bool
-    evidence: Tensor  # fp32, higher = more suspicious; > 0 exactly where a sample is dropped
+    # fp32, higher = more suspicious; > 0 exactly where the thresholds drop a sample (not where the
+    # guard overrode them, nor for held-out pool rows, which are never kept)
+    evidence: Tensor
     thresholds: Tensor  # (C,) fp32 per-class thresholds in nats (inf: the class keeps all)
     guard_bound: bool  # the minimum kept fraction overrode the thresholds
     noise_rate_est: float | None  # the selector's estimate of the share of wrong labels

@@ -95,10 +95,6 @@ class CompileStats:
     graphs: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
-    @property
-    def total(self) -> int:
-        return sum(self.graphs.values())
-
 
 def inductor_cache_dir() -> str:
     """Where inductor keeps compiled graphs between runs (TORCHINDUCTOR_CACHE_DIR, else a folder

@@ -367,14 +367,18 @@ def profile_launches(fn: Callable[[], object], calls: int = 1) -> dict:
     if not torch.cuda.is_available():
         return none
     torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        events = list(prof.events())
+        prof.__enter__()
     except RuntimeError as e:  # a profiler that cannot start (CUPTI) must not cost the measurement
         return none | {"error": f"{type(e).__name__}: {e}"[:300]}
+    try:  # an error in fn itself is the caller's to see, not a profiler failure
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    finally:
+        prof.__exit__(None, None, None)
+    events = list(prof.events())
     launch_calls = [e.name for e in events if is_launch_call(e.name)]
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     return {"cpu_launch_calls": len(launch_calls) / calls, "gpu_kernels": len(kernels) / calls,

@@ -106,7 +106,10 @@ def check_same_data(run_dir: Path, data_dir: str) -> None:
     record = run_dir / "data.json"
     now = data_identity(data_dir)
     if record.is_file():
-        before = json.loads(record.read_text())
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"--resume {run_dir}: cannot read {record.name} ({e}); it records the run's data") from e
     else:  # a run from before data.json existed: only its own folder will do
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         before = {"dir": saved["data"]["dir"], "fingerprint": None}

@@ -7,7 +7,7 @@ Nothing in a step reads a value back to the host or depends on a Python number t
 the same step runs eagerly, compiled (no recompiles: static shapes, tensors for every changing
 value) or captured as one CUDA graph (`graphs`), whichever mode the ladder has settled on.
 
-Order inside a step matters for the fallback: lr, forward, backward, optimizer, then statistics
+Order inside a step matters for the fallback: forward, lr, backward, optimizer, then statistics
 and counters. A mode that fails while being built fails before the optimizer step has run, so
 the step can be run again in the next mode without counting anything twice.
 """
@@ -143,8 +143,10 @@ class _Runner:
         s = self.ctx.state
         bound = (s.guard > s.thresholds.index_select(0, labels)).any()
         self.ctx.stats.record(indices, labels, per_sample, keep, logits, bound)
-        self.ctx.selector.observe(per_sample, labels, logits.float().softmax(1))
-        frac = self.ctx.cfg.filter.min_kept_fraction
+        f = self.ctx.cfg.filter
+        if f.mode == "batch":  # epoch mode reads its thresholds from the scoring pass instead
+            self.ctx.selector.observe(per_sample, labels, logits.float().softmax(1))
+        frac = f.min_kept_fraction if f.enabled and f.mode == "batch" else 0.0
         if frac > 0:  # the next step's floor: this step's k-th smallest loss (over every process)
             losses = all_gather_cat(per_sample, self.ctx.dist)
             k = max(1, math.ceil(frac * losses.numel()))
@@ -225,7 +227,8 @@ class FrozenFeatures(_Runner):
         if mix is not None:  # each batch mixes within itself, with the draw of its own step
             parts = [mixing.mix_rows(x[i * self.batch_size:(i + 1) * self.batch_size],
                                      labels[i * self.batch_size:(i + 1) * self.batch_size],
-                                     _row(mix, counter + i)) for i in range(self.batches)]
+                                     _row(mix, (counter + i).clamp(max=len(mix) - 1)))
+                     for i in range(self.batches)]  # clamped: a short last chunk's padding slots
             x = torch.cat([p[0] for p in parts])
             labels_b, lams = torch.cat([p[1] for p in parts]), torch.stack([p[2] for p in parts])
         with torch.no_grad(), c.precision.autocast(c.device):

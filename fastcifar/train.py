@@ -129,7 +129,8 @@ class Run:
             self.best_state = None  # copied to host memory by the writer; keep no second copy
         files.append((ckpt_dir / "last.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": epoch, "best_acc": self.best_acc,
+            "scaler": self.scaler.state_dict(), "selector": self.engine.selector.state_dict(),
+            "epoch": epoch, "best_acc": self.best_acc,
             "best_epoch": self.best_epoch, "rng": rng_state(), **common}))
         self.writer.save(files)  # written and fsynced in the background, renamed into place atomically
 
@@ -140,6 +141,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if "selector" in state:  # the class thresholds the next epoch starts from (older files lack it)
+            self.engine.selector.load_state_dict(state["selector"])
         set_rng_state(state["rng"])
         self.start_epoch = state["epoch"] + 1
         self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]

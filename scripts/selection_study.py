@@ -132,10 +132,11 @@ def provenance(rows: list[dict]) -> dict:
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    from fastcifar.checkpoint import git_commit
+
     return {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "torch": torch.__version__.split("+")[0],
-            "commit": commit.stdout.strip() or "unknown",
+            "commit": git_commit(),
             "date": datetime.date.today().isoformat(),
             "run_seconds": sum(r.get("seconds") or 0 for row in rows for r in row["runs"])}
 
@@ -167,10 +168,12 @@ def main(argv=None) -> int:
             f"on {where['machine']}, torch {where['torch']}, checkout at commit {where['commit']}, {where['date']}; "
             f"{where['run_seconds'] / 60:.0f} min of runs in all.\n\n" + LEGEND + "\n\n"
             + "\n\n".join(table(rows, kind) for kind in args.kinds.split(",")) + "\n")
+    from fastcifar.io import atomic_write_text
+
     for folder in filter(None, (out, args.results and Path(args.results))):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "selection-study.json").write_text(json.dumps(result, indent=1) + "\n")
-        (folder / "selection-study.md").write_text(text)
+        atomic_write_text(folder / "selection-study.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(folder / "selection-study.md", text)
     print(text)
     return 0
 

@@ -169,3 +169,11 @@ def test_the_step_line_shows_the_mode_compile_resolved_to():
     assert plan_modes(reduce, cuda, distributed=False, scaler=False)[0][0].inductor_graphs
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         plan_modes(build_config("smoke", {"model.cuda_graphs": "on"}).model, cpu, distributed=False, scaler=False)
+
+
+def test_a_corrupt_data_record_is_one_run_error(digits, tmp_path):
+    from fastcifar.rundir import RunError, check_same_data
+
+    (tmp_path / "data.json").write_text('{"dir": "x", "finger')  # a torn write
+    with pytest.raises(RunError, match="cannot read data.json"):
+        check_same_data(tmp_path, str(digits))

@@ -130,9 +130,9 @@ def test_suspects_and_pred_probs_cover_every_training_sample(smoke_run):
     assert sum(r["given_label"] != r["clean_label"] for r in rows[:100]) > 80
 
 
-def run_for_resume(digits, run_dir, stop_after=None):
+def run_for_resume(digits, run_dir, stop_after=None, **overrides):
     cfg = smoke(digits, **{"train.epochs": 4, "filter.start_epoch": 2, "run.max_steps_per_epoch": 4,
-                           "run.checkpoint_every": 1, "run.deterministic": "true"})
+                           "run.checkpoint_every": 1, "run.deterministic": "true", **overrides})
     if stop_after is None:
         return train_into(cfg, run_dir)
     original = Engine.train_epoch
@@ -149,9 +149,13 @@ def run_for_resume(digits, run_dir, stop_after=None):
     assert train.main(["--resume", str(run_dir), "data.num_workers=2"]) == 0
 
 
-def test_resume_ends_exactly_like_an_uninterrupted_run(digits, tmp_path):
-    run_for_resume(digits, tmp_path / "straight")
-    run_for_resume(digits, tmp_path / "resumed", stop_after=1)
+# class_quantile: the resumed epoch filters with the class thresholds the killed run's last epoch
+# measured, so they must come back from the checkpoint with everything else.
+@pytest.mark.parametrize("selector", [{}, {"filter.selector": "class_quantile", "filter.keep_fraction": 0.6}],
+                         ids=["threshold", "class_quantile"])
+def test_resume_ends_exactly_like_an_uninterrupted_run(digits, tmp_path, selector):
+    run_for_resume(digits, tmp_path / "straight", **selector)
+    run_for_resume(digits, tmp_path / "resumed", stop_after=1, **selector)
     timing = {"seconds", "elapsed_seconds"}  # wall time differs; everything computed must not
     straight, resumed = ([{k: v for k, v in json.loads(line).items() if k not in timing}
                           for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -260,6 +264,16 @@ def test_precision_backend_and_authors_options_run_end_to_end(digits, tmp_path, 
     assert all(math.isfinite(r["train_loss"]) for r in records) and records[-1]["kept_fraction"] < 1.0
     scaler = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]
     assert bool(scaler) == (overrides["model.amp"] == "fp16")  # fp16 trains through a GradScaler
+    assert 0 <= summary["best_acc"] <= 1
+
+
+def test_mixing_in_a_frozen_epoch_whose_last_chunk_is_short(digits, tmp_path):
+    # 1,618 digits in batches of 64 do not fill whole chunks of 4 batches: the last chunk's padding
+    # slots must not read past the end of the epoch's MixUp/CutMix table.
+    cfg = smoke(digits, **{"train.epochs": 1, "train.freeze_epochs": 1, "augment.mixup_alpha": 0.8,
+                           "augment.cutmix_alpha": 1.0, "train.tta": "false"})
+    assert cfg.train.frozen_chunk // cfg.train.batch_size == 4
+    summary = train_into(cfg, tmp_path / "run")
     assert 0 <= summary["best_acc"] <= 1
 
 
