@@ -136,17 +136,12 @@ class Engine:
             base = torch.full((), threshold, device=self.ctx.device)
             self.selector.refresh(torch.empty_like(self.ctx.state.thresholds), base,
                                   lambda t: all_reduce_sum(t, self.dist))
-            out["noise_rate_est"] = self.noise_rate_est()
+            out["noise_rate_est"] = self.selector.noise_rate_value()
         return out
 
     def _logged_threshold(self, filtering: bool) -> float | None:
         """The paper's threshold, or the median class threshold; None while not filtering (no inf in JSON)."""
         return median_threshold(self.ctx.state.thresholds) if filtering else None
-
-    def noise_rate_est(self) -> float | None:
-        """The selector's latest estimate of the share of wrong labels (None before the first)."""
-        value = float(self.selector.noise_rate())
-        return None if math.isnan(value) else value
 
     def _full_steps(self, batches: Iterable, steps: int, progress: Callable[[], None]) -> None:
         for step, batch in enumerate(batches):

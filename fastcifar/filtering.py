@@ -49,8 +49,7 @@ def judge(selector: Selector, losses: Tensor, labels: Tensor, probs: Tensor, bas
     if guard:  # the kept set would collapse: keep the k lowest losses instead
         keep = torch.zeros_like(keep)
         keep[losses.masked_fill(~pool, math.inf).argsort()[:k]] = True
-    noise = float(selector.noise_rate())
-    return Verdict(keep, evidence, thresholds, guard, None if math.isnan(noise) else noise)
+    return Verdict(keep, evidence, thresholds, guard, selector.noise_rate_value())
 
 
 def median_threshold(thresholds: Tensor) -> float | None:

@@ -52,8 +52,11 @@ def stream_key(*words: int) -> int:
     return h
 
 
-def keyed_bits(key: int, indices: torch.Tensor, count: int) -> torch.Tensor:
-    """Random 32-bit words, int64 (N, count), for the samples `indices` (N,) int64 in [0, 2**32)."""
+def keyed_bits(key: int | torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """Random 32-bit words, int64 (N, count), for the samples `indices` (N,) int64 in [0, 2**32).
+
+    key: an int, or a 0-d int64 tensor (what a compiled or captured step passes, so the key can
+    change between epochs without a recompile)."""
     h = _absorb(key, indices.to(torch.int64))
     counters = torch.arange(1, count + 1, dtype=torch.int64, device=indices.device) * _WEYL
     return mix32((h.unsqueeze(-1) + counters) & MASK32)

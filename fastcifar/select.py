@@ -310,6 +310,11 @@ class Selector:
         """0-d fp32 on the device: the latest estimated noisy share (NaN before the first one)."""
         return self.noise
 
+    def noise_rate_value(self) -> float | None:
+        """noise_rate() read to the host (a sync: once per epoch), None before the first estimate."""
+        value = float(self.noise)
+        return None if math.isnan(value) else value
+
     def evidence(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N,) fp32 "how suspicious", > 0 exactly where the latest thresholds drop the sample.
 
