@@ -7,6 +7,7 @@ Settings (presets `demo` and `smoke`, on scikit-learn's digits with 40% symmetri
   full     `demo` as it is: freeze -> unfreeze -> select -> flip TTA (12 epochs)
   scratch  `smoke`: a tiny ConvNeXt from random initialisation
   frozen12 `demo`'s 12 epochs with the backbone never unfrozen (a head that has not fitted yet)
+  frozen_epoch  frozen, with filter.mode=epoch (exact thresholds from a scoring pass every epoch)
 Selectors: none (filter.enabled=false), threshold (the paper's), class_quantile (keep 60% per
 class), gmm, estimated (class_quantile keeping 1 - the estimated noise rate per class).
 Each run is `python -m fastcifar.train` in its own process; a finished run (summary.json) is not
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 12 epochs at its lr with the backbone never unfrozen (an underfit head: what selection costs there).
 FROZEN = ["train.epochs=24", "train.freeze_epochs=24", "optim.lr=0.05", "filter.start_epoch=8"]
 SETTINGS = {"frozen": ("demo", FROZEN), "full": ("demo", []), "scratch": ("smoke", []),
-            "frozen12": ("demo", ["train.freeze_epochs=12"])}
+            "frozen12": ("demo", ["train.freeze_epochs=12"]),
+            "frozen_epoch": ("demo", [*FROZEN, "filter.mode=epoch"])}
 SELECTORS = {"none": ["filter.enabled=false"], "threshold": ["filter.selector=threshold", "filter.keep_fraction=0"],
              "class_quantile": ["filter.selector=class_quantile", "filter.keep_fraction=0.6"],
              "gmm": ["filter.selector=gmm", "filter.keep_fraction=0"],
@@ -115,7 +117,9 @@ def table(rows: list[dict], kind: str) -> str:
 LEGEND = """Settings: `full` = the `demo` preset (pretrained EfficientNet-Lite0 at 64 px, freeze -> unfreeze ->
 select -> flip TTA, 12 epochs); `scratch` = `smoke` (a tiny ConvNeXt from random initialisation);
 `frozen` = `demo` with the backbone frozen throughout (24 epochs, lr 0.05, selection from epoch 8);
-`frozen12` = `demo`'s 12 epochs with the backbone never unfrozen. Selectors: `none` = filtering off,
+`frozen12` = `demo`'s 12 epochs with the backbone never unfrozen; `frozen_epoch` = `frozen` with
+`filter.mode=epoch` (thresholds from a scoring pass every epoch instead of the previous epoch's
+batch losses). Selectors: `none` = filtering off,
 `threshold` = the paper's absolute threshold, `class_quantile` = keep 60% per given label, `gmm` =
 per-class 2-component mixture, `estimated` = class_quantile keeping 1 - the estimated noise rate per
 label. Accuracy on the clean test split (`_tta`: with flip TTA; `best`: the best epoch, chosen on the
