@@ -49,7 +49,7 @@ def safe_load(path: Path, what: str = "weights file") -> Any:
 
     torch files go through torch's weights-only unpickler, which admits tensors and plain Python data
     only. Every failure (no file, a directory, empty, truncated, code inside, a foreign format) is one
-    `WeightsError` line; torch's advice to retry with weights_only=False is never repeated, since
+    `WeightsError` line; torch's advice to retry with the unsafe unpickler is never repeated, since
     following it would run whatever code the file holds.
     """
     if not path.exists():
@@ -75,7 +75,7 @@ def _unsafe(what: str, reason: str) -> WeightsError:
 
 
 def _reason(e: Exception) -> str:
-    """A short cause for a failed safe load, free of torch's weights_only=False advice."""
+    """A short cause for a failed safe load, free of torch's advice to retry unsafely."""
     text = str(e)
     code = re.search(r"GLOBAL (\S+) was not an allowed global", text)
     if code:

@@ -142,7 +142,8 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_the_code_carrying_files_really_run_code_when_loaded_unsafely(tmp_path):
-    # The control for the tests below: without weights_only these files do create their marker.
+    # The control for the tests below: loaded unsafely, on purpose and only here (a file this test
+    # made in its temp dir), these files do create their marker, so the safe loader's refusal means something.
     files = bad_files(tmp_path)
     torch.load(files["code"], weights_only=False)
     assert (tmp_path / "marker").exists()
