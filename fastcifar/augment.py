@@ -129,9 +129,7 @@ def _box_mask(boxes: Tensor, height: int, width: int, channels: int = 1) -> Tens
     cols = torch.arange(width * channels, device=dev).view(1, 1, -1)
     in_rows = (rows >= top) & (rows < top + bh)
     in_cols = (cols >= left * channels) & (cols < (left + bw) * channels)
-    if torch.compiler.is_compiling():  # inductor's CPU code generation fails on the bool bit-cast below
-        return in_rows & in_cols
-    return (in_rows.view(torch.uint8) * in_cols.view(torch.uint8)).view(torch.bool)  # u8 product: fast
+    return in_rows & in_cols  # no bool bit-casts in traced code: not every inductor version lowers them
 
 
 def erase(images: Tensor, boxes: Tensor, values: Tensor | float = 0.0) -> Tensor:

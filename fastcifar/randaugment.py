@@ -201,7 +201,9 @@ def posterize(images: Tensor, bits: Tensor) -> Tensor:
 
 
 def _solarize(images: Tensor, t: Tensor) -> Tensor:
-    return images ^ (images >= t).view(torch.uint8).mul_(255)  # x ^ 255 = 255 - x; where() is slow on CPU
+    # x ^ 255 = 255 - x; where() is slow on CPU. A cast, not a bit-cast view: inductor 2.11 cannot
+    # lower view(dtype) of a bool tensor (the H200's compile failure, 2026-12-04).
+    return images ^ (images >= t).to(torch.uint8).mul_(255)
 
 
 def solarize(images: Tensor, thresholds: Tensor) -> Tensor:

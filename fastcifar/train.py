@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from . import plots, report
 from .console import progress
 from .checkpoint import CheckpointError, git_commit, load_checkpoint, rng_state, set_rng_state
+from .backend import setup_backend
 from .checkpoint_writer import CheckpointWriter, remove_stale_temporaries
 from .config import Config, ConfigError, from_dict, to_dict
 from .data import open_split, read_meta, resolve_backend
@@ -84,11 +84,7 @@ class Run:
                  loaders: Loaders | None = None):
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, device
         torch.manual_seed(cfg.run.seed)
-        if cfg.run.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses otherwise
-            torch.use_deterministic_algorithms(True)
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        setup_backend(device, deterministic=cfg.run.deterministic)
         self.loaders = loaders or open_loaders(cfg, device, dist)
         self.model = build_model(cfg.model).to(device)
         self.precision = resolve_precision(cfg.model.amp, device)
