@@ -14,7 +14,7 @@ FASTCIFAR_BENCH_ORDER=eager-first runs the cases with an "eager" parameter befor
 # Before torch or triton is imported (as tests/conftest.py): interpret Triton kernels without a GPU.
 import os
 
-from fastcifar.benchreport import cuda_available
+from fastcifar.bench.benchreport import cuda_available
 
 if not cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,7 +28,7 @@ from typing import Callable  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastcifar.launches import count_flops, profile_launches  # noqa: E402
+from fastcifar.bench.launches import count_flops, profile_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU"

@@ -3,9 +3,9 @@
 One epoch of each pass (head-only training, full training, evaluation) of both pipelines in
 the same process, on the same synthetic CIFAR-shaped data; extra_info holds images/s of both,
 the speedup per pass, and the full schedule's seconds projected from them for both (labelled
-projected). The paper-equivalent pipeline is described in fastcifar/baseline.py. On a GPU:
+projected). The paper-equivalent pipeline is described in fastcifar/bench/baseline.py. On a GPU:
 ConvNeXt-Base at the paper's sizes (50,000 / 10,000 images, batch 100 / 500), DataLoader
-workers as fastcifar.baseline.default_workers; on the CPU: test_convnext at small sizes, no workers.
+workers as fastcifar.bench.baseline.default_workers; on the CPU: test_convnext at small sizes, no workers.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcifar.baseline import compare, time_ours, time_paper
+from fastcifar.bench.baseline import compare, time_ours, time_paper
 from fastcifar.config import build_config
 from fastcifar.distributed import DistInfo
 from fastcifar.model import resolve_precision
 from fastcifar.schedule import build_schedule
-from fastcifar.synthetic import make_dataset, split_loaders
+from fastcifar.bench.synthetic import make_dataset, split_loaders
 
 ON_GPU = torch.cuda.is_available()
 N_TRAIN, N_TEST = (50_000, 10_000) if ON_GPU else (64, 32)

@@ -1,7 +1,7 @@
 """Kernel launches per step of every phase, counted on fake CUDA tensors (no GPU needed).
 
 The `paper` preset's own steps (ConvNeXt-Base, batch 100, 32x32, bf16 autocast, fused SGD) as the
-Engine runs them in eager mode, counted by fastcifar.launches: what a GPU would be asked to launch
+Engine runs them in eager mode, counted by fastcifar.bench.launches: what a GPU would be asked to launch
 from Python per optimizer step (training) or per evaluation batch. In graphs mode the same work is
 one graph launch per step plus the copies of the batch into the step's static buffers (counted
 here as `input copies`); in compiled mode inductor fuses the traced part into fewer kernels (only
@@ -22,7 +22,7 @@ from fastcifar.data import Batch
 from fastcifar.distributed import DistInfo
 from fastcifar.engine import Engine
 from fastcifar.graphs import EAGER
-from fastcifar.launches import count_launches, fake_cuda
+from fastcifar.bench.launches import count_launches, fake_cuda
 from fastcifar.model import build_model, resolve_precision
 from fastcifar.optim import PhaseSGD
 from fastcifar.schedule import build_schedule

@@ -29,7 +29,7 @@ from fastcifar.graphs import EAGER, Mode
 from fastcifar.model import build_model, count_parameters, resolve_precision
 from fastcifar.optim import PhaseSGD
 from fastcifar.schedule import build_schedule
-from fastcifar.synthetic import random_inputs, synthetic_loaders
+from fastcifar.bench.synthetic import random_inputs, synthetic_loaders
 
 ON_GPU = torch.cuda.is_available()
 SIZES = dict(model="convnext_base", batch=100, test_batch=500, chunk=1000, train=50_000, test=10_000) if ON_GPU \
@@ -105,7 +105,7 @@ def bed(request, device):
 def _flops(cfg, device, phase: str, images: int) -> int:
     """Matmul and convolution FLOPs of the model for `images` images: forward, plus backward when
     the phase trains the backbone (the head-only phase: backbone forward + head forward/backward)."""
-    from fastcifar.launches import count_flops
+    from fastcifar.bench.launches import count_flops
 
     model = build_model(cfg.model).to(device)
     x, _ = random_inputs(images, size=cfg.augment.image_size, device=device)

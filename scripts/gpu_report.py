@@ -15,7 +15,7 @@ from outside still leaves what it measured:
                 images/s, MFU, CPU-side launches/step, peak memory per phase x mode
     schedule    real epochs of each phase with evaluation (--phase-epochs each), projected to the
                 100-epoch paper schedule; --full runs and measures the whole schedule instead
-    baseline    the paper-equivalent pipeline (fastcifar/baseline.py), N steps per phase, projected
+    baseline    the paper-equivalent pipeline (fastcifar/bench/baseline.py), N steps per phase, projected
     components  the loss and augmentation benchmarks           (only on time left over)
     tests       the kernel and augmentation tests on the device (only on time left over)
 Files: DIR/<device>-<date>.json, .md and -log.txt. JSON keys: device, torch, triton, commit, date,
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout itself is the package (kernels/ included)
 
-from fastcifar import benchreport as br  # noqa: E402  (no torch here: the parent holds no CUDA context)
+from fastcifar.bench import benchreport as br  # noqa: E402  (no torch here: the parent holds no CUDA context)
 from fastcifar.io import atomic_write_text  # noqa: E402
 
 
@@ -119,7 +119,7 @@ def schedule_loaders(args, cfg, work: Path):
     import dataclasses
 
     from fastcifar.data import resolve_backend
-    from fastcifar.synthetic import make_dataset, save_npz, split_loaders
+    from fastcifar.bench.synthetic import make_dataset, save_npz, split_loaders
 
     train, test = make_dataset(args.train_size, args.test_size, num_classes=cfg.model.num_classes, noise=args.noise)
     backend = resolve_backend(args.loader)
@@ -164,8 +164,8 @@ def baseline_worker(args, work: Path) -> None:
     per-step cost, the rest per-epoch start-up), the evaluation pass whole; saved after each."""
     import torch
 
-    from fastcifar.baseline import PaperPipeline
-    from fastcifar.synthetic import make_dataset
+    from fastcifar.bench.baseline import PaperPipeline
+    from fastcifar.bench.synthetic import make_dataset
 
     cfg = report_config(args, truncated=False)
     train, test = make_dataset(args.train_size, args.test_size, num_classes=cfg.model.num_classes, noise=args.noise)
@@ -188,7 +188,7 @@ def baseline_worker(args, work: Path) -> None:
 def check_worker(args, work: Path) -> None:
     import torch
 
-    from fastcifar.cudacheck import run_checks
+    from fastcifar.bench.cudacheck import run_checks
 
     run_checks(torch.device(args.device), args.model,
                save=lambda results: atomic_write_text(work / "check.json", json.dumps(results, default=str)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import benchreport as br
+from fastcifar.bench import benchreport as br
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_report.py"

@@ -1,4 +1,4 @@
-"""fastcifar.launches: group-aware FLOPs, kernel launches counted on fake CUDA tensors, profiler names."""
+"""fastcifar.bench.launches: group-aware FLOPs, kernel launches counted on fake CUDA tensors, profiler names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.launches import (count_flops, count_launches, fake_cuda, foreach_launches, is_launch_call,
+from fastcifar.bench.launches import (count_flops, count_launches, fake_cuda, foreach_launches, is_launch_call,
                                 profile_launches)
 
 

@@ -210,9 +210,9 @@ def test_phase_sgd_resumes_momentum_in_its_parameters_layout():
 
 
 def test_the_gpu_reports_graph_check_compares_captured_and_eager_steps(monkeypatch):
-    """fastcifar.cudacheck.check_graph_step, run here with the CPU capture stand-in: the same
+    """fastcifar.bench.cudacheck.check_graph_step, run here with the CPU capture stand-in: the same
     parameters and evaluation both ways, and it knows when graphs did not run."""
-    from fastcifar import cudacheck
+    from fastcifar.bench import cudacheck
 
     monkeypatch.setattr(step, "compile_fn", no_compile)
     out = cudacheck.check_graph_step(torch.device("cpu"), steps=3, capture=CheckedCapture())

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig, Config, ModelConfig
-from .model import build_model, set_backbone_trainable
-from .schedule import Schedule
+from ..config import AugmentConfig, Config, ModelConfig
+from ..model import build_model, set_backbone_trainable
+from ..schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,8 @@ def time_ours(cfg: Config, loaders, device: torch.device, run_dir: Path, note: s
 
     Each pass is first run on a few batches untimed (torch.compile, Triton, CUDA graphs warm up).
     """
-    from .distributed import DistInfo
-    from .train import Run
+    from ..distributed import DistInfo
+    from ..train import Run
 
     run = Run(cfg, run_dir, DistInfo(0, 1, 0), device, loaders)
     engine, train = run.engine, run.loaders.train

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .config import AugmentConfig, ModelConfig
+from ..config import AugmentConfig, ModelConfig
 
 REL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # ‖Δ‖/‖ref‖, loss and gradient
 LOGIT_TOL = 1e-3  # fp32 model logits, device vs CPU (reduction order differs)
@@ -152,7 +152,7 @@ def _engine_run(device: torch.device, modes, steps: int, capture=None) -> tuple[
     from fastcifar.model import build_model, resolve_precision
     from fastcifar.optim import PhaseSGD
     from fastcifar.schedule import build_schedule
-    from fastcifar.synthetic import synthetic_loaders
+    from fastcifar.bench.synthetic import synthetic_loaders
 
     cfg = build_config("smoke", {"model.name": "test_convnext", "model.dropout": "0", "model.amp": "off",
                                  "run.device": device.type, "train.batch_size": "32", "train.test_batch_size": "64",

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .io import atomic_write_text
+from ..io import atomic_write_text
 
 CUDA_ENV = "FASTCIFAR_CUDA"  # "1" or "0": one child process's answer, inherited by the rest
 PAPER_EPOCHS = 100
@@ -321,7 +321,7 @@ def render_markdown(r: dict) -> str:
                      f"synthetic-data test accuracy {_pct(sched.get('best_acc'))}.")
     lines += [f"- {n}" for n in sched.get("notes", [])]
     if base:
-        lines += ["", "## Paper-equivalent pipeline (fastcifar/baseline.py)", "",
+        lines += ["", "## Paper-equivalent pipeline (fastcifar/bench/baseline.py)", "",
                   "| pass | s/step | fixed s | epoch s |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {_fmt(v.get('per_step_s'))} | {_fmt(v.get('fixed_s'))} | {_fmt(v.get('epoch_s'))} |"
                   for k, v in (base.get("passes") or {}).items()]

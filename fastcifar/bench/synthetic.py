@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import Config
-from .distributed import DistInfo
+from ..config import Config
+from ..distributed import DistInfo
 
 PATTERN = 4  # side of each class's colour pattern, in cells
 SIGNAL_MAX = 192  # pattern values lie in [0, SIGNAL_MAX); pixel noise in [0, 256 - SIGNAL_MAX)
@@ -71,8 +71,8 @@ def save_npz(path: str | Path, train: SyntheticSplit, test: SyntheticSplit) -> P
 def split_loaders(train: SyntheticSplit, test: SyntheticSplit, cfg: Config, device: torch.device,
                   dist: DistInfo):
     """fastcifar.train.Loaders over the arrays, on `device` (the memory backend, no file)."""
-    from .data import memory_split  # the memory backend built from arrays
-    from .train import Loaders
+    from ..data import memory_split  # the memory backend built from arrays
+    from ..train import Loaders
 
     def split(s: SyntheticSplit, batch_size: int, shuffle: bool):
         return memory_split(s.images, s.labels, s.clean_labels, device=device, batch_size=batch_size,
