@@ -28,6 +28,7 @@ from typing import Callable  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastcifar.backend import backend_flags  # noqa: E402
 from fastcifar.bench.launches import count_flops, profile_launches  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -64,8 +65,17 @@ def pytest_runtest_teardown(item):
     benchmark = getattr(item, "funcargs", {}).get("benchmark")
     info = getattr(benchmark, "extra_info", None)
     if info:
-        scalars = {k: v for k, v in info.items() if v is None or isinstance(v, (int, float, str, bool))}
-        _log({"kind": "row", "file": item.path.stem, "name": item.name, **scalars})
+        _log({"kind": "row", "file": item.path.stem, "name": item.name,
+              **{k: v for k, v in info.items() if _plain(v)}})
+
+
+def _plain(value) -> bool:
+    """A value JSON writes as it is (scalars, and lists and dicts of them): what a row keeps."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def pytest_runtest_logreport(report):
@@ -232,12 +242,13 @@ class Bench:
         """Put the standard facts in benchmark.extra_info (and return them).
 
         A "step" is what the caller says (an optimiser step, an evaluation batch); `facts` are
-        added as given (phase, impl, batch ...). MFU = achieved FLOP/s / the device's dense peak
+        added as given (phase, impl, batch ...), with the backend flags in force
+        (fastcifar.backend.backend_flags). MFU = achieved FLOP/s / the device's dense peak
         for `dtype` (the 16-bit tensor-core peak for bf16/fp16, the fp32 peak otherwise); None
         where the peak is unknown (the CPU). param_floor_ms = parameter bytes / DRAM bandwidth.
         """
         spec = self.spec
-        info = {"device": spec.name, "images_per_s": images_per_step / seconds_per_step,
+        info = {"device": spec.name, "backend": backend_flags(), "images_per_s": images_per_step / seconds_per_step,
                 "ms_per_step": seconds_per_step * 1e3, "images_per_step": images_per_step,
                 "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
         if flops_per_step is not None:

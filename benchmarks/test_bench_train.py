@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from fastcifar import evaluate as ev
+from fastcifar.backend import setup_backend
 from fastcifar.config import build_config
 from fastcifar.distributed import DistInfo
 from fastcifar.engine import Engine
@@ -53,6 +54,8 @@ class Bed:
 
     def __init__(self, mode: Mode, device: torch.device):
         cfg = self.cfg = step_config(device)
+        torch.manual_seed(cfg.run.seed)  # as fastcifar.train.Run sets up: the same seed, the same backend
+        setup_backend(device, deterministic=cfg.run.deterministic)
         single = DistInfo(0, 1, 0)
         self.loaders = synthetic_loaders(cfg, num_train=SIZES["train"], num_test=SIZES["test"])(device, single)
         self.model = build_model(cfg.model).to(device)
@@ -133,6 +136,33 @@ def test_step(bench, device, bed, phase):
                  phase=phase, impl=impl, ran=b.engine.mode, batch=images // steps, model=b.cfg.model.name,
                  step="optimiser step" if phase in ("head", "full", "full+filter") else "evaluation batch",
                  first_call_s=first, **launches)
+
+
+def test_the_bed_sets_the_backend_up_as_the_trainer(device, tmp_path):
+    """The step benchmarks time what `make train` runs: the Bed leaves the backend flags
+    (cuDNN autotuning, TF32, determinism) that the trainer's Run set-up leaves."""
+    from fastcifar.backend import backend_flags
+    from fastcifar.train import Run
+
+    def scrambled() -> None:  # the opposite of every flag setup_backend sets
+        torch.backends.cudnn.benchmark = device.type != "cuda"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        scrambled()
+        bed = Bed(EAGER, device)
+        after_bed = backend_flags()
+        scrambled()
+        Run(bed.cfg, tmp_path, DistInfo(0, 1, 0), device, bed.loaders)
+        assert after_bed == backend_flags()
+        assert after_bed["cudnn_benchmark"] is (device.type == "cuda") and after_bed["tf32_matmul"]
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[:3]
+        torch.set_float32_matmul_precision(saved[3])
 
 
 # ---- whole epochs through the Engine ----

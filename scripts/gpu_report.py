@@ -157,6 +157,7 @@ def schedule_worker(args, work: Path) -> None:
     end = {"wall_s": time.perf_counter() - t0, "summary": summary,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     atomic_write_text(work / "schedule_end.json", json.dumps(end, default=str))
+    save_backend(work, "schedule")
 
 
 def baseline_worker(args, work: Path) -> None:
@@ -170,6 +171,7 @@ def baseline_worker(args, work: Path) -> None:
     cfg = report_config(args, truncated=False)
     train, test = make_dataset(args.train_size, args.test_size, num_classes=cfg.model.num_classes, noise=args.noise)
     pipe = PaperPipeline(train.images, train.labels, test.images, test.labels, cfg, torch.device(args.device))
+    save_backend(work, "baseline")
     steps = len(train.labels) // cfg.train.batch_size
     n2 = min(args.baseline_steps, steps)
     n1 = max(1, n2 // 4)
@@ -190,8 +192,18 @@ def check_worker(args, work: Path) -> None:
 
     from fastcifar.bench.cudacheck import run_checks
 
-    run_checks(torch.device(args.device), args.model,
-               save=lambda results: atomic_write_text(work / "check.json", json.dumps(results, default=str)))
+    def save(results: dict) -> None:
+        atomic_write_text(work / "check.json", json.dumps(results, default=str))
+        save_backend(work, "check")
+
+    run_checks(torch.device(args.device), args.model, save=save)
+
+
+def save_backend(work: Path, part: str) -> None:
+    """The backend flags in force in this worker (fastcifar.backend.setup_backend set them), for the report."""
+    from fastcifar.backend import backend_flags
+
+    atomic_write_text(work / f"backend-{part}.json", json.dumps(backend_flags()))
 
 
 # ---- the parent: running parts under caps ----

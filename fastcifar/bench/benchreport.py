@@ -246,6 +246,11 @@ def fold_part(name: str, got: dict, result: dict, work: Path) -> None:
         result.update(baseline=base, baseline_seconds=base.get("schedule_s_projected"))
     elif name == "components":
         result["component_rows"] = got["rows"]
+    flags = read_json(work / f"backend-{name}.json")
+    if flags is None:  # the pytest parts: every benchmark row records the flags it ran under
+        flags = next((r["backend"] for r in got.get("rows") or [] if r.get("backend")), None)
+    if flags is not None:
+        result.setdefault("backend_flags", {})[name] = flags
     if result.get("schedule_seconds") and result.get("baseline_seconds"):
         result["speedup_vs_baseline"] = result["baseline_seconds"] / result["schedule_seconds"]
 
@@ -294,12 +299,23 @@ def _check_lines(check: dict) -> list[str]:
     return lines
 
 
+def _backend_line(flags: dict) -> str:
+    """The backend flags each part ran under (fastcifar.backend.backend_flags), said once where they agree."""
+    if not flags:
+        return "Backend flags: not recorded."
+    shown = {part: ", ".join(f"{k} {_fmt(v)}" for k, v in f.items()) for part, f in flags.items()}
+    if len(set(shown.values())) == 1:
+        return f"Backend flags (fastcifar.backend.setup_backend, every part: {', '.join(shown)}): {next(iter(shown.values()))}."
+    return "Backend flags differ between parts: " + "; ".join(f"{part}: {s}" for part, s in shown.items()) + "."
+
+
 def render_markdown(r: dict) -> str:
     sched, base = r.get("schedule") or {}, r.get("baseline") or {}
     lines = [f"# fastcifar GPU report: {r['device']}, {r['date']}", "",
              f"torch {r.get('torch')} (CUDA {r.get('cuda')}), triton {r.get('triton')}, timm {r.get('timm')}, "
              f"driver {r.get('driver')}, Python {r.get('python')}; commit `{r.get('commit')}`; "
              f"model {r.get('model')} (random init); loader: {r.get('loader_note', '–')}.", "",
+             _backend_line(r.get("backend_flags") or {}), "",
              "## Summary", "", "| | value |", "|---|---:|",
              f"| schedule seconds ({sched.get('target_epochs', PAPER_EPOCHS)} epochs"
              f"{', projected' if r.get('schedule_projected') else ', measured'}) | {_fmt(r.get('schedule_seconds'))} |",

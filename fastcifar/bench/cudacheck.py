@@ -7,12 +7,13 @@ max |a − b|), and never raises: a failure is recorded with its error and the n
                 a MixUp partner, a 0-d threshold that keeps about half; loss, per-sample losses,
                 keep mask and the gradient (non-unit upstream);
     augment     train_augment on the device against the CPU, same keys (bit-exact up to 1e-5);
-    model_step  the model's fp32 logits on the device against the CPU (TF32 off), then one
+    model_step  the model's fp32 logits on the device against the CPU (precise_fp32: TF32 off), then one
                 mixed-precision training step there (augment -> model -> masked loss -> SGD):
                 a finite loss near the CPU's, finite gradients, parameters that moved;
     graph_step  the trainer's own steps captured as CUDA graphs against the same steps eagerly
                 (a tiny model, fp32): the same parameters after a head, a full and a filtering
-                epoch, and no fall-back from the graphs mode.
+                epoch, and no fall-back from the graphs mode (precise_fp32 both ways).
+Every check runs under the trainer's backend flags (`run_checks` calls setup_backend first).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..backend import precise_fp32, setup_backend
 from ..config import AugmentConfig, ModelConfig
 
 REL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # ‖Δ‖/‖ref‖, loss and gradient
@@ -111,13 +113,8 @@ def check_model_step(device: torch.device, model_name: str, seed: int = 0) -> di
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (8,), generator=g)
     x = train_augment(images, torch.arange(8), seed=seed, epoch=0, cfg=AugmentConfig())
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            ref, got = cpu_model(x), model(x.to(device))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad(), precise_fp32():
+        ref, got = cpu_model(x), model(x.to(device))
     logit_err = rel_err(got, ref)
     ref_loss = float(torch.nn.functional.cross_entropy(ref, labels))
 
@@ -175,20 +172,16 @@ def _engine_run(device: torch.device, modes, steps: int, capture=None) -> tuple[
 def check_graph_step(device: torch.device, steps: int = 6, capture=None) -> dict:
     """fastcifar's own steps captured as CUDA graphs (the frozen chunk, the head, the full step,
     evaluation) against the same steps eagerly, from the same start: the parameters after every
-    phase, and the graphs mode must be what ran (no fall-back). TF32 off: fp32 both ways.
+    phase, and the graphs mode must be what ran (no fall-back). precise_fp32: fp32 both ways.
     capture: a stand-in for CUDA-graph capture (the CPU tests'); without one, CUDA only."""
     from fastcifar.graphs import EAGER, Mode
 
     if capture is None and device.type != "cuda":
         return {"ok": None, "skipped": "CUDA graphs need a CUDA device"}
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with precise_fp32():
         eager, _, eager_eval = _engine_run(device, [EAGER], steps)
         graphed, mode, graphed_eval = _engine_run(device, [Mode("graphs"), EAGER], steps, capture)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     err = max(rel_err(graphed[k], eager[k]) for k in eager)
     ok = mode == "graphs" and err <= 1e-3 and abs(graphed_eval["val_loss"] - eager_eval["val_loss"]) <= 1e-3
     return {"mode_ran": mode, "params_max_rel_err": err, "val_loss_graphs": graphed_eval["val_loss"],
@@ -196,7 +189,9 @@ def check_graph_step(device: torch.device, steps: int = 6, capture=None) -> dict
 
 
 def run_checks(device: torch.device, model_name: str, save: Callable[[dict], None]) -> dict:
-    """Every check in turn, `save(results so far)` after each (a killed run keeps what it did)."""
+    """Every check in turn, `save(results so far)` after each (a killed run keeps what it did), under
+    the backend flags the trainer sets (fastcifar.backend.setup_backend)."""
+    setup_backend(device)
     checks = {"kernel": lambda: check_kernel(device), "augment": lambda: check_augment(device),
               "model_step": lambda: check_model_step(device, model_name),
               "graph_step": lambda: check_graph_step(device)}
