@@ -162,6 +162,26 @@ def test_a_failed_correctness_check_fails_its_part(tmp_path):
     assert got["part"]["status"] == "failed" and "kernel" in got["part"]["why"]
 
 
+# ---- the correctness checks, on the CPU ----
+
+
+@pytest.mark.parametrize("amp,within", [("off", 1e-5), ("bf16", None)])
+def test_the_model_step_check_compares_one_function_on_both_sides(amp, within):
+    """The step's loss against the CPU's loss of the same function: the paper's head dropout (0.5)
+    is switched off on both sides (the first H200 run compared a dropout step with an eval-mode
+    loss, 10% apart). In fp32 both sides agree to rounding; in bf16 within the argued tolerance."""
+    import torch
+
+    from fastcifar.bench.cudacheck import STEP_LOSS_TOL, check_model_step
+
+    out = check_model_step(torch.device("cpu"), "test_convnext", amp=amp)
+    assert out["ok"], out
+    assert out["randomness_switched_off"] >= 1  # the paper's head dropout
+    assert out["amp"] == ("off" if amp == "off" else "bfloat16")
+    assert out["step_loss_rel_diff"] <= (within or STEP_LOSS_TOL[torch.bfloat16])
+    assert out["grads_finite"] and out["params_moved"] == out["params"]
+
+
 # ---- the step tables, goals and files ----
 
 
