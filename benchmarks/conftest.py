@@ -7,9 +7,10 @@ step); none asserts a time. Under `--benchmark-disable` (CI) each benchmark body
 timed round, so the bookkeeping below runs there too.
 
 Environment: FASTCIFAR_BENCH_ROWS=PATH appends each case's facts (and each outcome) to PATH as it
-finishes, so a run killed at a time limit keeps what it measured (scripts/gpu_report.py reads it);
-FASTCIFAR_BENCH_ORDER=eager-first runs the cases with an "eager" parameter before the others
-(the compiled ones cost a compilation each).
+finishes, so a run killed at a time limit keeps what it measured (fastcifar.bench.rowlog's hooks;
+scripts/gpu_report.py reads it); FASTCIFAR_BENCH_ORDER=graphs,compiled,eager runs the cases with
+a "graphs" parameter first, then "compiled", then "eager", then the rest (the GPU report: the
+most telling rows first, the eager reference last, where a time limit may cut it).
 """
 # Before torch or triton is imported (as tests/conftest.py): interpret Triton kernels without a GPU.
 import os
@@ -19,7 +20,6 @@ from fastcifar.bench.benchreport import cuda_available
 if not cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -29,14 +29,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastcifar.backend import backend_flags  # noqa: E402
+from fastcifar.bench.breakdown import round_seconds  # noqa: E402
 from fastcifar.bench.launches import count_flops, profile_launches  # noqa: E402
+from fastcifar.bench.rowlog import pytest_runtest_logreport, pytest_runtest_teardown  # noqa: E402,F401 (hooks)
 
 ON_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU"
 COMPILE_REASON = ("torch.compile cases run on a CUDA GPU only: a first CPU compile of even a tiny "
                   "ConvNeXt takes about 2 minutes on 2 cores")
 CUDAGRAPH_REASON = "CUDA graphs need a CUDA GPU"
-ROWS_ENV, ORDER_ENV = "FASTCIFAR_BENCH_ROWS", "FASTCIFAR_BENCH_ORDER"
+ORDER_ENV = "FASTCIFAR_BENCH_ORDER"
 
 
 def pytest_configure(config):
@@ -46,47 +48,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get(ORDER_ENV) == "eager-first":
-        def later(item) -> bool:  # False sorts first: a case with an "eager" parameter
-            return "eager" not in getattr(getattr(item, "callspec", None), "params", {}).values()
+    order = [v for v in os.environ.get(ORDER_ENV, "").split(",") if v]
+    if order:
+        def rank(item) -> int:  # the first listed value among the case's parameters
+            values = set(getattr(getattr(item, "callspec", None), "params", {}).values())
+            return min((i for i, v in enumerate(order) if v in values), default=len(order))
 
-        items.sort(key=later)  # stable: file order within each group
-
-
-def _log(line: dict) -> None:
-    path = os.environ.get(ROWS_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(line, default=str) + "\n")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_teardown(item):
-    benchmark = getattr(item, "funcargs", {}).get("benchmark")
-    info = getattr(benchmark, "extra_info", None)
-    if info:
-        _log({"kind": "row", "file": item.path.stem, "name": item.name,
-              **{k: v for k, v in info.items() if _plain(v)}})
-
-
-def _plain(value) -> bool:
-    """A value JSON writes as it is (scalars, and lists and dicts of them): what a row keeps."""
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def pytest_runtest_logreport(report):
-    if report.when == "call" or report.outcome != "passed":
-        why = None
-        if report.skipped and isinstance(report.longrepr, tuple):
-            why = str(report.longrepr[-1])
-        elif report.failed:
-            why = str(report.longrepr).strip().splitlines()[-1][:300] if report.longrepr else None
-        _log({"kind": "outcome", "nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-              "why": why})
+        items.sort(key=rank)  # stable: file order within each group
 
 
 @dataclass(frozen=True)
@@ -167,19 +135,7 @@ def time_rounds(benchmark, fn: Callable[[], object], *, calls: int, rounds: int,
     seconds: list[float] = []
 
     def one_round():
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            seconds.append(time.perf_counter() - t0)
+        seconds.append(round_seconds(fn, calls, device.type == "cuda"))
 
     benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
     return seconds

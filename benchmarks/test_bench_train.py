@@ -8,7 +8,12 @@ at work), evaluation and flip TTA (batch train.test_batch_size, through the padd
 CUDA graph). One Engine per mode serves all its phases, so each function compiles once. On a GPU:
 the `paper` preset (ConvNeXt-Base, 32x32, batch 100, bf16); on the CPU: timm's tiny test_convnext
 at small sizes, eager only (a CPU compile takes minutes). FLOPs: the model's forward (and backward
-for training) counted group-aware on a separate eager copy.
+for training) counted group-aware on a separate eager copy, once per phase. Each row records the
+mode each of the phase's functions ran in (a mode that fails to build steps down the ladder).
+test_breakdown profiles the graphed full step (fastcifar.bench.breakdown).
+
+FASTCIFAR_BENCH_SET="key=value ..." applies config overrides to every Engine here (the GPU
+report's A/B candidates, e.g. model.small_map_dw=on); rows record them as `variant`.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import os
 import statistics
+from functools import lru_cache
 
 import pytest
 import torch
 
 from fastcifar import evaluate as ev
 from fastcifar.backend import setup_backend
-from fastcifar.config import build_config
+from fastcifar.bench import breakdown
+from fastcifar.bench.modes import phase_facts
+from fastcifar.config import build_config, parse_overrides
 from fastcifar.distributed import DistInfo
 from fastcifar.engine import Engine
 from fastcifar.graphs import EAGER, Mode
@@ -35,18 +44,21 @@ from fastcifar.bench.synthetic import random_inputs, synthetic_loaders
 ON_GPU = torch.cuda.is_available()
 SIZES = dict(model="convnext_base", batch=100, test_batch=500, chunk=1000, train=50_000, test=10_000) if ON_GPU \
     else dict(model="test_convnext", batch=16, test_batch=32, chunk=32, train=256, test=128)
-ROUNDS, WARMUP, CALLS = (10, 4, 20) if ON_GPU else (1, 0, 1)  # timed rounds, untimed first calls, calls/round
+# (timed rounds, untimed calls after the first, calls per round): eager is the slow reference, a few
+# calls tell it; the CPU runs each body once (a check of the bookkeeping, not a measurement).
+TIMING = {"eager": (3, 1, 5), "graphs": (5, 3, 20), "compiled": (5, 3, 20)} if ON_GPU else {}
 PHASES = ("head", "full", "full+filter", "eval", "tta")
-MODES = {"eager": EAGER, "graphs": Mode("graphs"), "compiled": Mode("compiled")}  # graphs before compiled:
-# the most telling mode first, and compiled then compiles from the same functions' inductor cache
+MODES = {"graphs": Mode("graphs"), "compiled": Mode("compiled"), "eager": EAGER}  # graphs first: the most
+# telling mode, and compiled then compiles from the same functions' inductor cache; eager last
 MAX_STEPS = 10_000  # the engines' lr table: more steps than any benchmark takes
+VARIANT = os.environ.get("FASTCIFAR_BENCH_SET", "").split()  # key=value overrides (A/B candidates)
 
 
 def step_config(device: torch.device):
     overrides = {"model.name": SIZES["model"], "model.pretrained": "false", "data.backend": "memory",
                  "run.device": device.type, "train.batch_size": str(SIZES["batch"]),
                  "train.test_batch_size": str(SIZES["test_batch"]), "train.frozen_chunk": str(SIZES["chunk"])}
-    return build_config("paper", overrides)
+    return build_config("paper", {**overrides, **parse_overrides(VARIANT)})
 
 
 class Bed:
@@ -105,6 +117,7 @@ def bed(request, device):
     bed.close()
 
 
+@lru_cache(maxsize=None)  # the same in every mode: counted once per phase
 def _flops(cfg, device, phase: str, images: int) -> int:
     """Matmul and convolution FLOPs of the model for `images` images: forward, plus backward when
     the phase trains the backbone (the head-only phase: backbone forward + head forward/backward)."""
@@ -125,7 +138,8 @@ def test_step(bench, device, bed, phase):
     impl, b = bed
     call, steps, images = b.step(phase)
     first = bench.first_call(call)  # compilation and graph capture happen in the first calls
-    seconds = statistics.median(bench.rounds(call, calls=CALLS, rounds=ROUNDS, warmup=WARMUP)) / CALLS
+    rounds, warmup, calls = TIMING.get(impl, (1, 0, 1))
+    seconds = statistics.median(bench.rounds(call, calls=calls, rounds=rounds, warmup=warmup)) / calls
     launches = bench.launches(call, steps=steps)  # CPU-side launches from torch.profiler (GPU only)
     flops = _flops(b.cfg, device, phase, images)
     trainable = count_parameters(b.model.head)[0] * steps if phase == "head" else \
@@ -133,9 +147,38 @@ def test_step(bench, device, bed, phase):
     read_only = count_parameters(b.model)[0] * (2 if phase == "tta" else 1) - (trainable if phase != "head" else 0)
     bench.record(seconds_per_step=seconds / steps, images_per_step=images // steps, flops_per_step=flops // steps,
                  dtype=b.precision.dtype, param_bytes_per_step=bench.param_traffic_bytes(trainable, read_only) // steps,
-                 phase=phase, impl=impl, ran=b.engine.mode, batch=images // steps, model=b.cfg.model.name,
+                 phase=phase, impl=impl, batch=images // steps, model=b.cfg.model.name, variant=" ".join(VARIANT),
                  step="optimiser step" if phase in ("head", "full", "full+filter") else "evaluation batch",
-                 first_call_s=first, **launches)
+                 first_call_s=first, timing=f"median of {rounds} rounds of {calls} calls, "
+                 f"{'CUDA events' if ON_GPU else 'perf_counter'}", **phase_facts(b.engine, phase), **launches)
+
+
+def test_breakdown(bench, bed):
+    """The graphed full step's GPU time by kernel category (torch.profiler) and its augmentation
+    alone (compiled, CUDA events): where the milliseconds of a step go."""
+    impl, b = bed
+    if impl != "graphs":
+        pytest.skip("the breakdown profiles the graphs mode's full step")
+    call, _, _ = b.step("full")
+    for _ in range(4):  # captured by now (test_step ran it); these make sure
+        call()
+    engine, state = b.engine, b.engine.ctx.state
+    full = engine.full
+    augment = torch.compile(lambda images, indices, key, noise: engine.ctx.augment(images, indices, key, noise),
+                            fullgraph=True, dynamic=False)
+    out = breakdown.step_breakdown(call, uncaptured=_uncaptured(full),
+                                   augment=lambda: augment(full.images, full.indices, state.aug_key, state.noise))
+    bench.rounds(call, calls=20, rounds=1)  # pytest-benchmark's own record of the step
+    bench.record(seconds_per_step=out["step_ms_cuda_events"] / 1e3, images_per_step=b.cfg.train.batch_size,
+                 dtype=b.precision.dtype, profiled_phase="full", profiled_mode=impl, breakdown=out,
+                 model=b.cfg.model.name, variant=" ".join(VARIANT), **phase_facts(engine, "full"))
+
+
+def _uncaptured(full):
+    """The full step compiled but not captured (a call runs the compiled body with no graph), for a
+    profiler that sees no kernel inside graph replays; None where the step cannot be reached so."""
+    call = getattr(full, "_call", None)
+    return (lambda: call(Mode("compiled"))) if callable(call) else None
 
 
 def test_the_bed_sets_the_backend_up_as_the_trainer(device, tmp_path):

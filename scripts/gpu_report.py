@@ -1,34 +1,46 @@
 #!/usr/bin/env python3
 """The GPU report in one command, from a plain checkout: nothing installed, no internet, no dataset.
 
-    python3 scripts/gpu_report.py --out DIR          # default --budget 480 s, fits a 10-minute call
+    python3 scripts/gpu_report.py --out DIR          # default --budget 540 s: one 10-minute call
+    python3 scripts/gpu_report.py --device cpu --out DIR   # the miniature: checks this script
 
 The checkout is put on sys.path (and PYTHONPATH for the child processes), so it runs with the
 machine's own Python and packages (torch >= 2.5, triton, timm; ffcv optional: without it the
 memory loader is used, and the report says so). It trains a randomly initialised model on
 synthetic CIFAR-shaped data. The parts run in value order, each in its own process group under
-its own cap inside --budget, and the report is rewritten after every part, so a run killed
-from outside still leaves what it measured:
+its own cap inside --budget, and the report is rewritten after every part, so a part killed at
+its cap, or a run killed from outside, still leaves what it measured:
     check       environment and CUDA correctness (kernel vs reference, augmentation CUDA vs CPU,
-                one model step)
-    steps       benchmarks/test_bench_train.py (not `extended`), eager cases first: ms/step,
-                images/s, MFU, CPU-side launches/step, peak memory per phase x mode
+                one model step against the same function on the CPU, the graphed steps vs eager)
+    steps       benchmarks/test_bench_train.py (not `extended`): graphs, then compiled, then eager
+                (the reference, few calls) per phase; ms/step, images/s, MFU, launches/step, peak
+                memory, the mode each function ran in; and the graphed full step's GPU time by
+                kernel category (torch.profiler) with the augmentation timed alone
+    peer        the same model written plainly (timm, fused SGD, torch.compile reduce-overhead):
+                ms per step, and our graphed full step's speed over it
+    candidates  A/B: the full step and the evaluation batch in graphs mode with
+                model.small_map_dw=on, beside the steps part's rows (off); "not available"
+                where the configuration has no such key
     schedule    real epochs of each phase with evaluation (--phase-epochs each), projected to the
-                100-epoch paper schedule; --full runs and measures the whole schedule instead
-    baseline    the paper-equivalent pipeline (fastcifar/bench/baseline.py), N steps per phase, projected
-    components  the loss and augmentation benchmarks           (only on time left over)
-    tests       the kernel and augmentation tests on the device (only on time left over)
-Files: DIR/<device>-<date>.json, .md and -log.txt. JSON keys: device, torch, triton, commit, date,
-step_ms {phase: {mode: ms}}, images_per_s, mfu, launches_per_step, peak_memory_gib,
-compile_seconds, schedule_seconds, schedule_projected, baseline_seconds, speedup_vs_baseline,
-check, schedule, baseline, goals, parts {name: {status, seconds, cap_s, why}}, notes.
+                100-epoch paper schedule, compiling from the inductor cache the earlier parts
+                filled; --full runs and measures the whole schedule instead
+    baseline    the paper-equivalent pipeline (fastcifar/bench/baseline.py): its evaluation pass,
+                then N/4 and N steps per training phase, projected
+    tests       tests/test_masked_ce.py, test_augment.py and test_step.py on the device (every
+                failure listed)
+--device cpu is the miniature (timm's test_convnext at tiny sizes, a few minutes on 2 cores):
+the CUDA-only parts say so and are skipped. Files: DIR/<device>-<date>.json, .md and -log.txt.
+JSON keys: device, torch, triton, commit, date, backend_flags {part: flags}, step_ms {phase:
+{mode: ms}}, modes_ran, images_per_s, mfu, launches_per_step, peak_memory_gib, compile_seconds,
+breakdown, peer, speedup_vs_peer, candidates, schedule_seconds, schedule_projected,
+baseline_seconds, speedup_vs_baseline, check, schedule, baseline, tests, goals, parts {name:
+{status, seconds, cap_s, why}}, notes. Exit code: 0 clean, 1 a part failed or hit its cap, 2 no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
+import dataclasses
 import os
 import re
 import shutil
@@ -46,20 +58,35 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout itself is the package (kernels/ included)
 
 from fastcifar.bench import benchreport as br  # noqa: E402  (no torch here: the parent holds no CUDA context)
-from fastcifar.io import atomic_write_text  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
     cap_s: float  # the part's own wall-clock cap
-    floor_s: float  # kept free for it while earlier parts run; 0: it runs on what is left over
+    floor_s: float  # kept free for it while earlier parts run
+    cuda_only: str = ""  # why the miniature (--device cpu) skips it; "": it runs there too
 
 
-PLAN = (Part("check", 60, 20), Part("steps", 200, 60), Part("schedule", 150, 60), Part("baseline", 60, 30),
-        Part("components", 60, 0), Part("tests", 120, 0))
+# On an H200 (16 cores; a cold compile of ConvNeXt-B's training step ~53 s, its evaluation ~25 s,
+# reduce-overhead ~49 s): check ~35 s; steps: compiles of the frozen chunk, head, full step and
+# evaluation (~110 s cold) and their timing, then compiled from the cache and eager; peer ~55 s;
+# candidates: two compiles of a changed model (~60 s, Triton's cache warm); schedule ~65 s from the
+# warm cache; baseline ~35 s. Worst case, every part at its cap: 8 s probe + 490 s + the report's
+# 10 s leaves the tests their 30 s floor of the 540 s budget.
+PLAN = (Part("check", 45, 20), Part("steps", 170, 100),
+        Part("peer", 65, 45, "the peer's reduce-overhead mode is inductor's CUDA graphs"),
+        Part("candidates", 80, 40, "the A/B rows are graphs-mode steps"),
+        Part("schedule", 80, 60), Part("baseline", 50, 40),
+        Part("tests", 120, 30, "on the CPU these tests run in the test suite itself"))
 REPORT_S = 10  # kept for writing the report at the end
 MIN_RUN_S = 10  # a part with less than this left is skipped
+TEST_FILES = ("tests/test_masked_ce.py", "tests/test_augment.py", "tests/test_step.py")
+CANDIDATE = ("small_map_dw", "model.small_map_dw=on")  # (ModelConfig field, the override it is tested with)
+# Sizes by device: the paper's on a GPU, the miniature's on the CPU (each an option's default).
+SIZES = {"cuda": dict(model="convnext_base", train_size=50_000, test_size=10_000, phase_epochs=2, baseline_steps=60),
+         "cpu": dict(model="test_convnext", train_size=64, test_size=32, phase_epochs=1, baseline_steps=2)}
+MINIATURE_SET = ["train.batch_size=16", "train.test_batch_size=32", "train.frozen_chunk=32"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,143 +94,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "--out-dir", dest="out", default=str(ROOT / "benchmarks" / "results"),
                    help="folder for the report files (default: benchmarks/results)")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for everything (default: %(default)s)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: a miniature that checks this script, not the GPU (default: %(default)s)")
+                   help="cpu: the miniature, which checks this script, not the GPU (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="measure the whole 100-epoch schedule (give a --budget)")
     p.add_argument("--skip", default="", metavar="PART,...",
                    help=f"parts to leave out: {', '.join(q.name for q in PLAN)}")
-    p.add_argument("--model", default="convnext_base", help="timm model, randomly initialised (default: %(default)s)")
-    p.add_argument("--train-size", type=int, default=50_000, help="synthetic training images (default: %(default)s)")
-    p.add_argument("--test-size", type=int, default=10_000, help="synthetic test images (default: %(default)s)")
+    p.add_argument("--model", help="timm model, randomly initialised (default: convnext_base; cpu: test_convnext)")
+    p.add_argument("--train-size", type=int, help="synthetic training images (default: 50000; cpu: 64)")
+    p.add_argument("--test-size", type=int, help="synthetic test images (default: 10000; cpu: 32)")
     p.add_argument("--noise", type=float, default=0.4, help="share of flipped training labels (default: %(default)s)")
-    p.add_argument("--phase-epochs", type=int, default=2, help="epochs of each phase in the truncated schedule "
-                   "(the first of a phase compiles; default: %(default)s)")
-    p.add_argument("--baseline-steps", type=int, default=100, metavar="N",
-                   help="baseline steps per training phase, timed at N/4 and N (default: %(default)s)")
+    p.add_argument("--phase-epochs", type=int, help="epochs of each phase in the truncated schedule "
+                   "(the first of a phase compiles; default: 2; cpu: 1)")
+    p.add_argument("--baseline-steps", type=int, metavar="N",
+                   help="baseline steps per training phase, timed at N/4 and N (default: 60; cpu: 2)")
     p.add_argument("--loader", choices=("auto", "ffcv", "memory"), default="auto",
                    help="auto: ffcv over .beton files of the synthetic data when ffcv imports, else memory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for the schedule and the baseline, e.g. model.compile_mode=max-autotune")
+                   help="config override for the schedule and the baseline, e.g. model.compile_mode=max-autotune "
+                        "(cpu: after the miniature's batch sizes)")
     p.add_argument("--commit", default=None, help="the commit to report where the checkout has no .git")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (logs, run directory, caches)")
-    p.add_argument("--part", choices=("check", "schedule", "baseline"), help=argparse.SUPPRESS)  # child processes
+    p.add_argument("--part", choices=("check", "peer", "schedule", "baseline"), help=argparse.SUPPRESS)  # children
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(filter(None, args.skip.split(","))) - {q.name for q in PLAN}
     if unknown:
         p.error(f"--skip: unknown parts {sorted(unknown)}")
+    for key, value in SIZES[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cpu":
+        args.set = MINIATURE_SET + args.set
     return args
-
-
-# ---- child processes: each part's work ----
-
-
-def report_config(args, truncated: bool):
-    """The paper preset, randomly initialised, on args.device; truncated: --phase-epochs epochs of
-    each phase (head, full, full+filter) instead of 15 / 10 / 75."""
-    from fastcifar.config import build_config, parse_overrides
-
-    k = args.phase_epochs
-    overrides = {"model.name": args.model, "model.pretrained": "false", "run.device": args.device,
-                 "data.backend": "memory", "data.dir": "(synthetic, in memory)"}
-    if truncated:  # checkpoints once, at the end: the epochs time training, not the disk
-        overrides.update({"train.epochs": 3 * k, "train.freeze_epochs": k, "filter.start_epoch": 2 * k,
-                          "optim.warmup_epochs": min(5, k), "run.checkpoint_every": 3 * k})
-    overrides.update(parse_overrides(args.set))
-    return build_config("paper", {key: str(v) for key, v in overrides.items()})
-
-
-def schedule_loaders(args, cfg, work: Path):
-    """(cfg, make_loaders, loader note): ffcv over .beton files of the synthetic data, or memory."""
-    import dataclasses
-
-    from fastcifar.data import resolve_backend
-    from fastcifar.bench.synthetic import make_dataset, save_npz, split_loaders
-
-    train, test = make_dataset(args.train_size, args.test_size, num_classes=cfg.model.num_classes, noise=args.noise)
-    backend = resolve_backend(args.loader)
-    if backend == "ffcv":
-        cmd = [sys.executable, str(ROOT / "scripts" / "write_beton.py"), "--source",
-               f"npz:{save_npz(work / 'synthetic.npz', train, test)}", "--out-dir", str(work / "beton"),
-               "--num-classes", str(cfg.model.num_classes), "--quiet"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            data = dataclasses.replace(cfg.data, dir=str(work / "beton"), backend="ffcv")
-            return dataclasses.replace(cfg, data=data), None, "ffcv over .beton files of the synthetic data"
-        if args.loader == "ffcv":
-            raise SystemExit(f"--loader ffcv: writing the .beton files failed: {done.stderr.strip()[-300:]}")
-    note = "memory (asked for)" if args.loader == "memory" else "memory: ffcv does not import here"
-    return cfg, (lambda device, dist: split_loaders(train, test, cfg, device, dist)), note
-
-
-def schedule_worker(args, work: Path) -> None:
-    import torch
-
-    from fastcifar.rundir import prepare_run_dir
-    from fastcifar.schedule import build_schedule
-    from fastcifar.train import run_training
-
-    target = report_config(args, truncated=False)
-    cfg = target if args.full else report_config(args, truncated=True)
-    cfg, make_loaders, note = schedule_loaders(args, cfg, work)
-    planned = build_schedule(target)
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", work / "none"))
-    meta = {"target": [planned.phase(e).name for e in range(planned.epochs)], "loader_note": note,
-            "inductor_cache_warm": cache.is_dir() and any(cache.iterdir())}
-    atomic_write_text(work / "schedule_meta.json", json.dumps(meta))
-    t0 = time.perf_counter()
-    summary = run_training(cfg, prepare_run_dir(cfg, str(work / "run"), "paper"), make_loaders=make_loaders)
-    end = {"wall_s": time.perf_counter() - t0, "summary": summary,
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
-    atomic_write_text(work / "schedule_end.json", json.dumps(end, default=str))
-    save_backend(work, "schedule")
-
-
-def baseline_worker(args, work: Path) -> None:
-    """The paper's pipeline: each training pass timed at N/4 and N steps (the difference is the
-    per-step cost, the rest per-epoch start-up), the evaluation pass whole; saved after each."""
-    import torch
-
-    from fastcifar.bench.baseline import PaperPipeline
-    from fastcifar.bench.synthetic import make_dataset
-
-    cfg = report_config(args, truncated=False)
-    train, test = make_dataset(args.train_size, args.test_size, num_classes=cfg.model.num_classes, noise=args.noise)
-    pipe = PaperPipeline(train.images, train.labels, test.images, test.labels, cfg, torch.device(args.device))
-    save_backend(work, "baseline")
-    steps = len(train.labels) // cfg.train.batch_size
-    n2 = min(args.baseline_steps, steps)
-    n1 = max(1, n2 // 4)
-    out = {"note": f"DataLoader with {pipe.num_workers} workers; training passes timed at {n1} and {n2} steps, "
-                   f"projected to {steps} steps per epoch; evaluation timed whole", "passes": {}}
-    for name, backbone in (("head", False), ("full", True)):
-        first, second = pipe.train_epoch(backbone, n1)[0], pipe.train_epoch(backbone, n2)[0]
-        out["passes"][name] = br.baseline_epoch(first, n1, second, n2, steps)
-        atomic_write_text(work / "baseline.json", json.dumps(out))
-    seconds, images = pipe.eval_epoch()
-    out["passes"]["eval"] = {"epoch_s": seconds, "images": images, "fixed_s": None,
-                             "per_step_s": seconds / -(-images // cfg.train.test_batch_size)}
-    atomic_write_text(work / "baseline.json", json.dumps(out))
-
-
-def check_worker(args, work: Path) -> None:
-    import torch
-
-    from fastcifar.bench.cudacheck import run_checks
-
-    def save(results: dict) -> None:
-        atomic_write_text(work / "check.json", json.dumps(results, default=str))
-        save_backend(work, "check")
-
-    run_checks(torch.device(args.device), args.model, save=save)
-
-
-def save_backend(work: Path, part: str) -> None:
-    """The backend flags in force in this worker (fastcifar.backend.setup_backend set them), for the report."""
-    from fastcifar.backend import backend_flags
-
-    atomic_write_text(work / f"backend-{part}.json", json.dumps(backend_flags()))
 
 
 # ---- the parent: running parts under caps ----
@@ -255,22 +178,26 @@ def child_env(args, work: Path) -> dict:
     return env
 
 
-def pytest_part(files: list[str], args, work: Path, cap: float, name: str, bench: bool) -> dict:
+def pytest_part(targets: list[str], args, work: Path, cap: float, name: str, bench: bool,
+                env: dict | None = None) -> dict:
+    """pytest on `targets` with every outcome (and benchmark row) logged as it finishes
+    (fastcifar.bench.rowlog), so a part killed at its cap keeps what it measured."""
     rows = work / f"{name}-rows.jsonl"
-    env = dict(child_env(args, work), FASTCIFAR_BENCH_ROWS=str(rows), FASTCIFAR_BENCH_ORDER="eager-first")
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    cmd += ["--benchmark-only", "-m", "not extended", "--benchmark-columns=median,rounds"] if bench else ["-x"]
+    env = dict(child_env(args, work), FASTCIFAR_BENCH_ROWS=str(rows), **(env or {}))
+    cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    cmd += ["--benchmark-only", "-m", "not extended", "--benchmark-columns=median,rounds"] if bench \
+        else ["-p", "fastcifar.bench.rowlog", "-rfE"]  # benchmarks/conftest.py has the hooks already
     res = run_part(cmd, cap, work / f"{name}.log", env)
     if res["rc"] == 5:  # pytest: nothing selected
         res.update(status="ok", why="nothing selected")
     found, outcomes = br.read_rows(rows)
     failed = [o["nodeid"].split("::")[-1] for o in outcomes if o["outcome"] == "failed"]
     if failed:
-        res["why"] = f"failed: {', '.join(failed)[:300]}"
+        res["why"] = f"failed: {', '.join(failed)}"[:300]
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error|deselected).*?) in [\d.]+s",
                          (work / f"{name}.log").read_text(errors="replace"), re.MULTILINE)
     res["summary"] = summary[-1] if summary else None  # pytest's closing line
-    return {"part": res, "rows": found}
+    return {"part": res, "rows": found, "outcomes": outcomes, "targets": targets}
 
 
 def worker_part(name: str, argv: list[str], args, work: Path, cap: float) -> dict:
@@ -279,15 +206,28 @@ def worker_part(name: str, argv: list[str], args, work: Path, cap: float) -> dic
 
 
 def run_one(part: Part, args, argv: list[str], work: Path, cap: float) -> dict:
-    if part.name in ("check", "schedule", "baseline"):
+    if part.name in ("check", "peer", "schedule", "baseline"):
         return worker_part(part.name, argv, args, work, cap)
     if part.name == "steps":
-        return pytest_part(["benchmarks/test_bench_train.py"], args, work, cap, "steps", bench=True)
-    if part.name == "components":  # kornia is only a reference point; the GPU machine has none
-        extra = [] if importlib.util.find_spec("kornia") else ["-k", "not kornia"]
-        return pytest_part(["benchmarks/test_bench_loss.py", "benchmarks/test_bench_augment.py", *extra],
-                           args, work, cap, "components", bench=True)
-    return pytest_part(["tests/test_masked_ce.py", "tests/test_augment.py"], args, work, cap, "tests", bench=False)
+        return pytest_part(["benchmarks/test_bench_train.py"], args, work, cap, "steps", bench=True,
+                           env={"FASTCIFAR_BENCH_ORDER": "graphs,compiled,eager"})
+    if part.name == "candidates":
+        cases = [f"benchmarks/test_bench_train.py::test_step[graphs-{phase}]" for phase in ("full", "eval")]
+        got = pytest_part(cases, args, work, cap, "candidates", bench=True, env={"FASTCIFAR_BENCH_SET": CANDIDATE[1]})
+        return dict(got, switch=CANDIDATE[1])
+    return pytest_part(list(TEST_FILES), args, work, cap, "tests", bench=False)
+
+
+def skip_reason(part: Part, args) -> str | None:
+    """Why `part` cannot run here at all (before any time is spent on it), or None."""
+    if part.cuda_only and args.device == "cpu":
+        return f"needs CUDA: {part.cuda_only}"
+    if part.name == "candidates":
+        from fastcifar.config import ModelConfig  # no torch in the configuration
+
+        if CANDIDATE[0] not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            return f"not available: ModelConfig has no {CANDIDATE[0]} in this checkout"
+    return None
 
 
 def environment(args, argv: list[str], work: Path) -> dict:
@@ -326,21 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.part:
-        workers = {"check": check_worker, "schedule": schedule_worker, "baseline": baseline_worker}
-        workers[args.part](args, Path(args.work))
+        from fastcifar.bench.workers import WORKERS
+
+        WORKERS[args.part](args, Path(args.work))
         return 0
     deadline = time.monotonic() + args.budget
     work = Path(tempfile.mkdtemp(prefix="fastcifar-gpu-report-"))
     result = environment(args, argv, work)
     result.update(parts={}, notes=[], compile_seconds={}, schedule_seconds=None, schedule_projected=None,
-                  baseline_seconds=None, speedup_vs_baseline=None, step_ms={}, launches_per_step={},
-                  peak_memory_gib={}, paper_phases=_paper_phases(args))
-    skipped = set(filter(None, args.skip.split(",")))
+                  baseline_seconds=None, speedup_vs_baseline=None, speedup_vs_peer=None, step_ms={},
+                  launches_per_step={}, peak_memory_gib={}, paper_phases=_paper_phases(args))
+    skipped = {q.name: "--skip" for q in PLAN if q.name in set(filter(None, args.skip.split(",")))}
     no_gpu = args.device == "cuda" and not result["cuda_available"]
     if no_gpu:
         why = f"torch sees no CUDA GPU ({result['probe_error'] or 'torch.cuda.is_available() is False'})"
         print(f"error: {why}; --device cpu runs a miniature that only checks this script", file=sys.stderr)
-        skipped, result["notes"] = {q.name for q in PLAN}, [why]
+        skipped, result["notes"] = {q.name: "no CUDA GPU" for q in PLAN}, [why]
+    for q in PLAN:
+        reason = None if q.name in skipped else skip_reason(q, args)
+        if reason:
+            skipped[q.name] = reason
     previous = signal.signal(signal.SIGTERM, _interrupt)
     chosen = [q for q in PLAN if q.name not in skipped]
     out_dir = Path(args.out)
@@ -363,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     for q in PLAN:  # every part listed, in plan order
-        why = "no CUDA GPU" if no_gpu else "--skip" if q.name in skipped else "interrupted"
-        result["parts"][q.name] = result["parts"].pop(q.name, {"status": "skipped", "why": why})
+        result["parts"][q.name] = result["parts"].pop(q.name, {"status": "skipped",
+                                                                "why": skipped.get(q.name, "interrupted")})
     paths = _write(result, out_dir, work)
     print("\n" + br.render_markdown(result))  # last: a caller that keeps only the output's tail sees it
     if args.keep_work:
@@ -380,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _paper_phases(args) -> list[str]:
     """The phase of each epoch of the 100-epoch schedule (the config needs no torch)."""
+    from fastcifar.bench.workers import report_config
     from fastcifar.schedule import build_schedule
 
     s = build_schedule(report_config(args, truncated=False))
