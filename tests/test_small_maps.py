@@ -122,6 +122,7 @@ def test_autocast_leaves_float64_alone_as_conv2d_does():
     torch.testing.assert_close(got, want, **F64)
 
 
+@pytest.mark.compiled
 def test_compiles_into_one_graph_per_path():
     # aot_eager traces forward and backward as inductor would see them, without inductor's slow CPU codegen.
     conv, new = _pair(8, 7, True, dtype=torch.float32)

@@ -54,6 +54,7 @@ def eager_run(digits, tmp_path_factory):
     return summary, records_of(run_dir)
 
 
+@pytest.mark.compiled
 def test_the_graph_path_replays_static_steps_with_eager_results(digits, eager_run, tmp_path):
     """Captured steps (here: checked replays on the CPU) give the eager run's numbers exactly."""
     capture = CheckedCapture()
@@ -157,6 +158,7 @@ class FirstCaptureFails(CheckedCapture):
         return super().capture(body)
 
 
+@pytest.mark.compiled
 def test_one_failing_function_leaves_the_others_graphed(digits, eager_run, tmp_path, capsys):
     """The frozen features' capture fails: they run compiled, the head step, the full step and
     evaluation stay graphs, summary.json says so per function, and the numbers are eager's."""
@@ -213,6 +215,7 @@ def test_phase_sgd_equals_one_sgd_over_the_model(tmp_path):
     assert all(math.isfinite(float(v.abs().sum())) for v in saved.values())
 
 
+@pytest.mark.compiled
 @pytest.mark.slow
 def test_a_compiled_schedule_builds_each_graph_once_and_matches_eager(digits, tmp_path):
     """torch.compile (inductor) on the CPU through train, evaluation, TTA, scoring and every phase
@@ -263,6 +266,7 @@ def test_phase_sgd_resumes_momentum_in_its_parameters_layout():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.compiled
 def test_the_gpu_reports_graph_check_compares_captured_and_eager_steps(monkeypatch):
     """fastcifar.cudacheck.check_graph_step, run here with the CPU capture stand-in: the same
     parameters and evaluation both ways, and it knows when graphs did not run."""
