@@ -37,6 +37,7 @@ class ModelConfig:
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune (the last two: inductor's CUDA graphs)
     cuda_graphs: str = "auto"  # auto (on for one CUDA process, bf16/fp32) | on | off: each step as one CUDA graph
     amp: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
+    small_map_dw: str = "off"  # on | off: 7x7 depthwise convolutions on maps <= 4x4 as exact small linear maps (issue 19; off until a GPU measurement shows it pays)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ _CHOICES = {
     ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("model", "cuda_graphs"): ("auto", "on", "off"),
     ("model", "amp"): ("auto", "bf16", "fp16", "off"),
+    ("model", "small_map_dw"): ("on", "off"),
     ("train", "select_on"): ("test", "noisy_val"),
     ("augment", "erasing_value"): ("zero", "random"),
     ("filter", "mode"): ("batch", "epoch"),

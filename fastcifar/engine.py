@@ -64,7 +64,13 @@ class Engine:
 
     @property
     def mode(self) -> str:
-        return self.ctx.ladder.mode.name
+        """The mode every function that has run is in, or "mixed" (see function_modes)."""
+        return self.ctx.ladder.common_mode()
+
+    def function_modes(self) -> dict[str, str]:
+        """{function: the mode it runs in} for the functions that have run ("full step", "frozen
+        features", "head step", "evaluation")."""
+        return self.ctx.ladder.function_modes()
 
     # -- phase set-up ---------------------------------------------------------------------------
     def enter_phase(self, phase: Phase) -> None:
@@ -181,7 +187,8 @@ class Engine:
     def report(self) -> dict:
         """The step mode that ran, its fall-backs, and what compilation cost (for summary.json)."""
         c = self.ctx
-        return {"step_mode": c.ladder.mode.describe(), "mode_fallbacks": list(c.ladder.fallbacks),
+        return {"step_mode": c.ladder.describe(), "function_modes": self.function_modes(),
+                "mode_fallbacks": list(c.ladder.fallbacks),
                 "mode_notes": list(self.mode_notes), "compile_graphs": dict(c.compile_stats.graphs),
                 "compile_seconds": round(c.compile_stats.seconds, 2),
                 "inductor_cache": inductor_cache_dir() if c.compile_stats.graphs else None}
@@ -193,5 +200,7 @@ class Engine:
         new = {k: v - since.get(k, 0) for k, v in stats.graphs.items() if v > since.get(k, 0)}
         if not new:
             return None
+        modes = self.function_modes()
+        ran = ", ".join(f"{name} {modes[name]}" for name in new if name in modes)
         return (f"  compiled: {', '.join(new)} ({sum(new.values())} graph(s)); {stats.seconds:.1f} s of "
-                f"compilation so far (cache: {inductor_cache_dir()})")
+                f"compilation so far (cache: {inductor_cache_dir()}); running: {ran}")

@@ -12,9 +12,10 @@ Modes, best first:
                (reduce-overhead, max-autotune) runs here, with cudagraph_mark_step_begin per step.
     eager      plain PyTorch.
 Nothing of this has to work the first time on a new machine: a failure while a mode is being built
-(compilation, capture, a Triton error) steps down to the next mode with one warning line, and the
-mode that ran is reported (start-up line, summary.json). Once a function has run in a mode, its
-errors are real errors and propagate.
+(compilation, capture, a Triton error) steps that function — and only that one — down to its next
+mode with one warning line; the full step, the frozen features, the head step and evaluation each
+keep the best mode that works for them, and what ran is reported per function (the epoch lines,
+summary.json). Once a function has run in a mode, its errors are real errors and propagate.
 """
 
 from __future__ import annotations
@@ -182,30 +183,54 @@ class Graphed:
 
 
 class ModeLadder:
-    """The current mode and the step down: `guard(name, call)` runs a function's first calls so that
-    a failure while building a mode moves to the next one (one warning line) and calls again."""
+    """Each function's mode and its own step down: `guard(name, call, settled)` runs a function's
+    first calls so that a failure while building its mode moves that function (one warning line)
+    to its next mode and calls again. The first H200 run (2026-12-04) showed why per function: one
+    ladder for all let a compile failure in the frozen features put the full step in eager too."""
 
     def __init__(self, modes: list[Mode], log: Callable[[str], None] | None = None):
-        self.modes = list(modes)
+        self.planned = list(modes)
+        self._modes: dict[str, list[Mode]] = {}  # function -> its modes left, current first
         self.fallbacks: list[dict] = []  # {"from", "to", "where", "cause"}
         self.proven: set[tuple[str, str]] = set()  # (function, mode) that have run
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     @property
-    def mode(self) -> Mode:
-        return self.modes[0]
+    def best(self) -> Mode:
+        """The mode every function starts in."""
+        return self.planned[0]
+
+    def mode_of(self, name: str) -> Mode:
+        return self._modes.get(name, self.planned)[0]
+
+    def function_modes(self) -> dict[str, str]:
+        """{function: its current mode's name} for the functions that have been called."""
+        return {name: modes[0].name for name, modes in self._modes.items()}
+
+    def common_mode(self) -> str:
+        """The mode every called function is in ("mixed" when they differ; the planned one before any call)."""
+        names = set(self.function_modes().values()) or {self.best.name}
+        return names.pop() if len(names) == 1 else "mixed"
+
+    def describe(self) -> str:
+        """One line: the shared mode's description, or each function with its mode."""
+        modes = self.function_modes()
+        if len(set(modes.values())) <= 1:
+            return (self._modes[next(iter(modes))] if modes else self.planned)[0].describe()
+        return "per function: " + ", ".join(f"{name} {mode}" for name, mode in modes.items())
 
     def guard(self, name: str, call: Callable[[Mode], object], settled: Callable[[Mode], bool]):
         """call(mode) until one works; `settled(mode)` says when this function no longer needs the guard
         (a graph counts as settled once captured and replayed)."""
+        modes = self._modes.setdefault(name, list(self.planned))
         while True:
-            mode = self.mode
+            mode = modes[0]
             if (name, mode.name) in self.proven:
                 return call(mode)
             try:
                 out = call(mode)
             except Exception as e:  # noqa: BLE001  (any failure to build a mode means: not here)
-                if len(self.modes) == 1:
+                if len(modes) == 1:
                     raise
                 self.step_down(name, e)
                 continue
@@ -214,8 +239,10 @@ class ModeLadder:
             return out
 
     def step_down(self, where: str, cause: BaseException) -> None:
-        failed, nxt = self.modes[0], self.modes[1]
+        modes = self._modes.setdefault(where, list(self.planned))
+        failed, nxt = modes[0], modes[1]
         text = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:300]
         self.fallbacks.append({"from": failed.name, "to": nxt.name, "where": where, "cause": text})
-        self.log(f"warning: {failed.name} mode failed in {where} ({text}); falling back to {nxt.describe()}")
-        self.modes.pop(0)
+        self.log(f"warning: {failed.name} mode failed in {where} ({text}); {where} falls back to "
+                 f"{nxt.describe()}, other functions keep theirs")
+        modes.pop(0)

@@ -58,7 +58,10 @@ def keyed_bits(key: int | torch.Tensor, indices: torch.Tensor, count: int) -> to
     key: an int, or a 0-d int64 tensor (what a compiled or captured step passes, so the key can
     change between epochs without a recompile)."""
     h = _absorb(key, indices.to(torch.int64))
-    counters = torch.arange(1, count + 1, dtype=torch.int64, device=indices.device) * _WEYL
+    # A constant tensor, not arange(...) * _WEYL: inductor would fold that into an index
+    # expression (2654435769 * x0) that its Triton code evaluates in int32, which fails to compile
+    # (the H200, torch 2.11, 2026-12-04); a constant tensor is loaded as int64.
+    counters = torch.tensor([i * _WEYL for i in range(1, count + 1)], dtype=torch.int64, device=indices.device)
     return mix32((h.unsqueeze(-1) + counters) & MASK32)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .small_maps import apply_small_map_depthwise
 from .weights import PYPI_WEIGHTS, WeightsError, fit_to, read_state_dict, resolve_weights
 
 
@@ -62,6 +63,9 @@ def build_model(cfg: ModelConfig) -> NoisyLabelNet:
         backbone.head = nn.Identity()
     if cfg.weights:
         _load_backbone_weights(backbone, cfg.weights, cfg.name)
+    if cfg.small_map_dw == "on" and apply_small_map_depthwise(backbone) == 0:
+        raise ModelError(f"model.small_map_dw=on, but {cfg.name!r} has no stride-1 depthwise convolution with "
+                         f"'same' padding to replace; use model.small_map_dw=off")
     model = NoisyLabelNet(backbone, backbone.num_features, cfg.num_classes, cfg.dropout)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

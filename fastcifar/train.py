@@ -272,8 +272,11 @@ def startup_lines(run: Run) -> list[str]:
     return [
         f"run dir : {run.run_dir}",
         f"device  : {device_name(run.device)} x{run.dist.world_size} | amp {amp} | commit {git_commit()}",
-        f"step    : {run.engine.ctx.ladder.mode.describe()}"
-        + "".join(f"; {note}" for note in run.engine.mode_notes),
+        f"step    : {run.engine.ctx.ladder.best.describe()}"
+        + "".join(f"; {note}" for note in run.engine.mode_notes)
+        + ("" if len(run.engine.ctx.ladder.planned) == 1 else
+           f"; a function that fails to build steps down alone "
+           f"(to {', '.join(m.name for m in run.engine.ctx.ladder.planned[1:])})"),
         f"model   : {cfg.model.name} ({total_params / 1e6:.1f}M parameters, "
         f"{'pretrained' if cfg.model.pretrained or cfg.model.weights else 'random init'})",
         f"data    : {run.loaders.num_train - held} train / {run.loaders.test.num_samples} test images, "

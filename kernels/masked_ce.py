@@ -39,6 +39,18 @@ def _targets(cols, y, yb, w_a, w_b, w_u):
 
 
 @triton.jit
+def _target_dot(z, cols, y, yb, w_a, w_b, w_u, AXIS: tl.constexpr):
+    """sum_c t_c z_c along AXIS for the targets of _targets; z must be 0 on padding."""
+    # Not tl.sum(t * z): the compiler fuses a thread's own product into the first cross-thread
+    # add of the reduction (an fma) while its partner receives it rounded, so threads holding
+    # one column each got sums differing in the last bit. At a tie that split the keep
+    # decision (on an H200 a dropped row got a kept gradient in two columns). Sums of plain
+    # values combine alike in every thread.
+    return (w_u * tl.sum(z, axis=AXIS) + w_a * tl.sum(tl.where(cols == y, z, 0.0), axis=AXIS)
+            + w_b * tl.sum(tl.where(cols == yb, z, 0.0), axis=AXIS))
+
+
+@triton.jit
 def _scalar(ptr, value, FROM_PTR: tl.constexpr):
     """A 0-d tensor's value in fp32 when FROM_PTR, else the fp32 scalar argument."""
     if FROM_PTR:
@@ -57,6 +69,31 @@ def _mix_weights(lam_ptr, lam_value, label_smoothing, n_cols,
         lam = _scalar(lam_ptr, lam_value, LAM_FROM_PTR)
     w_u = label_smoothing / n_cols
     return (1.0 - label_smoothing) * lam, (1.0 - label_smoothing) * (1.0 - lam), w_u
+
+
+@triton.jit
+def _store_loss_and_keep(per_sample_ptr, keep_ptr, rows, row_mask, loss, thr_ptr, thr, y, bad,
+                         THR_PER_CLASS: tl.constexpr):
+    """Store the rows' losses, then keep = stored loss < threshold; return both as stored.
+
+    rows, row_mask, loss, y, bad: (ROWS,) tensors or scalars; thr_ptr, thr as in
+    _ce_tile_kernel.
+    """
+    tl.store(per_sample_ptr + rows, loss, mask=row_mask)
+    # Each thread holds its own copy of a row's loss, and copies that differ in the last bit
+    # (see _target_dot) split the decision at a tie: the stored keep says dropped while some
+    # threads write a kept gradient. Deciding from the one stored value (the barrier makes
+    # it visible to the whole program) keeps per_sample, keep, loss and gradient in step
+    # whatever the compiler does with the reductions.
+    tl.debug_barrier()
+    loss = tl.load(per_sample_ptr + rows, mask=row_mask, other=float("nan"))
+    if THR_PER_CLASS:
+        # Masked: an invalid label (NaN loss, dropped anyway) must not address memory.
+        keep = loss < tl.load(thr_ptr + y, mask=row_mask & ~bad, other=0.0).to(tl.float32)
+    else:
+        keep = loss < thr
+    tl.store(keep_ptr + rows, keep, mask=row_mask)
+    return loss, keep
 
 
 @triton.jit
@@ -112,15 +149,11 @@ def _ce_tile_kernel(
         d = tl.where(row_mask, tl.sum(e, axis=1), 1.0)  # padded rows: no log(0), no 1 / 0
         t = tl.where(mask, _targets(cols, y[:, None], yb[:, None], w_a, w_b, w_u), 0.0)
         # sum_c t_c (x_c - m) rather than sum_c t_c x_c: no cancellation against m at |x| ~ 1e4.
-        loss = tl.log(d) - tl.sum(t * tl.where(mask, x - m[:, None], 0.0), axis=1)
+        z = tl.where(mask, x - m[:, None], 0.0)
+        loss = tl.log(d) - _target_dot(z, cols, y[:, None], yb[:, None], w_a, w_b, w_u, 1)
         loss = tl.where(bad, float("nan"), loss)  # an invalid label never counts as kept
-        if THR_PER_CLASS:
-            # Masked: an invalid label (NaN loss, dropped anyway) must not address memory.
-            keep = loss < tl.load(thr_ptr + y, mask=row_mask & ~bad, other=0.0).to(tl.float32)
-        else:
-            keep = loss < thr
-        tl.store(per_sample_ptr + rows, loss, mask=row_mask)
-        tl.store(keep_ptr + rows, keep, mask=row_mask)
+        loss, keep = _store_loss_and_keep(per_sample_ptr, keep_ptr, rows, row_mask, loss, thr_ptr,
+                                          thr, y, bad, THR_PER_CLASS)
         if WRITE_GRAD:
             g = tl.where(keep[:, None], e * (1.0 / d)[:, None] - t, 0.0)
             tl.store(grad_ptr + row_off * n_cols + cols,
@@ -169,18 +202,14 @@ def _ce_loop_kernel(
         t = tl.where(mask, _targets(cols, y, yb, w_a, w_b, w_u), 0.0)
         # Shift the old dot product to the new max; before any target mass m may be -inf.
         dot += tl.where(t_seen > 0, m - m_new, 0.0) * t_seen
-        dot += tl.sum(t * tl.where(mask, x - m_new, 0.0), axis=0)
+        dot += _target_dot(tl.where(mask, x - m_new, 0.0), cols, y, yb, w_a, w_b, w_u, 0)
         t_seen += tl.sum(t, axis=0)
         m = m_new
     loss = tl.log(d) - dot
     bad = (y < 0) | (y >= n_cols) | (yb < 0) | (yb >= n_cols)
     loss = tl.where(bad, float("nan"), loss)
-    if THR_PER_CLASS:
-        keep = loss < tl.load(thr_ptr + y, mask=~bad, other=0.0).to(tl.float32)
-    else:
-        keep = loss < thr
-    tl.store(per_sample_ptr + row, loss)
-    tl.store(keep_ptr + row, keep)
+    loss, keep = _store_loss_and_keep(per_sample_ptr, keep_ptr, row, tl.full([], 1, tl.int1),
+                                      loss, thr_ptr, thr, y, bad, THR_PER_CLASS)
     if WRITE_GRAD:
         inv_d = tl.where(keep, 1.0 / d, 0.0)
         keep_f = keep.to(tl.float32)
@@ -246,6 +275,12 @@ def _num_warps(tile: int) -> int:
     return max(4, min(32, tile // 256))
 
 
+def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output buffer is allocated here, uninitialised: the kernels must write each
+    element (tests swap in NaN-filled buffers, as a reused allocation might hold)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _forward(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
              threshold: Optional[Tensor], threshold_value: float, lam: Optional[Tensor],
              lam_value: float, label_smoothing: float, mean: bool, need_grad: bool):
@@ -258,11 +293,10 @@ def _forward(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
     if threshold is not None:
         threshold = threshold.contiguous()  # per-class: the kernel indexes it with unit stride
     n, c = logits.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    loss, scale = torch.empty((), **f32), torch.empty((), **f32)
-    per_sample = torch.empty((n,), **f32)
-    keep = torch.empty((n,), dtype=torch.bool, device=logits.device)
-    grad = torch.empty((n, c) if need_grad else (0,), dtype=logits.dtype, device=logits.device)
+    dev, f32 = logits.device, torch.float32
+    loss, scale, per_sample = _empty((), f32, dev), _empty((), f32, dev), _empty((n,), f32, dev)
+    keep = _empty((n,), torch.bool, dev)
+    grad = _empty((n, c) if need_grad else (0,), logits.dtype, dev)
     # Unused pointer arguments still need a tensor; any will do.
     args = (logits, logits.stride(0), labels, labels_b,
             threshold if threshold is not None else per_sample, threshold_value,
@@ -294,7 +328,7 @@ def _forward(logits: Tensor, labels: Tensor, labels_b: Optional[Tensor],
 
 def _backward(grad: Tensor, grad_loss: Tensor, scale: Tensor) -> Tensor:
     """Scale the saved (N, C) gradient by upstream grad * scale; same dtype as grad."""
-    out = torch.empty_like(grad)
+    out = _empty(grad.shape, grad.dtype, grad.device)
     if grad.numel():
         grid = (triton.cdiv(grad.numel(), SCALE_BLOCK),)
         _scale_grad_kernel[grid](grad, out, grad_loss, scale, grad.numel(), BLOCK=SCALE_BLOCK,

@@ -91,6 +91,7 @@ def test_masked_strategy_gives_the_same_pipeline(monkeypatch):
     assert torch.equal(A.train_augment(x, idx, seed=4, epoch=1, cfg=CFG), grouped)
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, erasing_value="random", mixup_alpha=0.0)],
                          ids=["paper", "random-erasing"])
 def test_train_augment_traces_as_one_graph_without_recompiles(cfg):

@@ -4,9 +4,11 @@ On a CPU the kernels run through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported); with CUDA they run natively.
 """
 import math
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,6 +198,140 @@ def test_per_class_thresholds(monkeypatch, kernel, reduction):
         for t in nothing[:1 if kernel == "loop" else 2]:
             none, grad = _assert_same(logits, labels, t, **kw)
             assert not none.keep.any() and none.loss.item() == 0.0 and not grad.any()
+
+
+# kernel: (N, C), module settings. One program for the batch; several 4-row tile programs
+# (the last one partial); one-row programs over 4-column blocks (13 = 3 x 4 + 1 columns).
+LAUNCHES = {"tile-fused": ((3, 10), {}),
+            "tile-split": ((37, 10), dict(TILE_ELEMENTS=64, FUSED_MAX_ELEMENTS=0)),
+            "loop": ((7, 13), dict(MAX_BLOCK_C=4))}
+
+
+def _launch_setup(monkeypatch, kernel, seed=3):
+    """Force `kernel`'s launches; fresh inputs (a seed no other test uses) with a partner."""
+    shape, settings = LAUNCHES[kernel]
+    for name, value in settings.items():
+        monkeypatch.setattr(mce, name, value)
+    logits, labels, labels_b = _inputs(*shape, torch.float32, seed=seed)
+    return logits, labels, dict(labels_b=labels_b, lam=0.3, label_smoothing=0.1)
+
+
+def _poison(shape, dtype, device):
+    """What a reused allocation might hold: NaN, or True for a bool buffer."""
+    return torch.full(shape, True if dtype == torch.bool else math.nan, dtype=dtype,
+                      device=device)
+
+
+@pytest.mark.parametrize("kernel", LAUNCHES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_output_element_written(monkeypatch, kernel, reduction):
+    """Every output buffer starts as NaN (keep as True): each element of per_sample, keep,
+    the saved gradient, loss, scale and the backward's output is written, whether every row,
+    some or none is kept, and for an empty batch."""
+    logits, labels, kw = _launch_setup(monkeypatch, kernel)
+    monkeypatch.setattr(mce, "_empty", _poison)
+    kw["reduction"] = reduction
+    ref = reference_masked_cross_entropy(logits, labels, math.inf, **kw).per_sample
+    for thr in (math.inf, -math.inf, _mid_threshold(ref)):  # every row kept, none, some
+        out, grad = _assert_same(logits, labels, thr, **kw)
+        thr_t, thr_v = (thr, 0.0) if isinstance(thr, torch.Tensor) else (None, thr)
+        *_, raw, scale = mce._forward(logits, labels, kw["labels_b"], thr_t, thr_v, None, 0.3,
+                                      0.1, reduction == "mean", True)
+        kept = out.keep.sum().item()
+        assert scale.item() == pytest.approx(1 / max(kept, 1) if reduction == "mean" else 1.0,
+                                             rel=1e-7)
+        torch.testing.assert_close(raw * (UPSTREAM * scale), grad, atol=0, rtol=1e-6)
+    out, grad = _assert_same(logits[:0], labels[:0], 1.0, **{**kw, "labels_b": labels[:0]})
+    assert out.loss.item() == 0.0
+
+
+# Compiles for sm_90 without a GPU (Triton's own LLVM and ptxas) and reads the PTX; run
+# without TRITON_INTERPRET, which would make every @triton.jit an interpreted function.
+_PTX_CHECK = r"""
+import inspect, re
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fastcifar.kernels import masked_ce as mce
+
+@triton.jit
+def probe(a_ptr, b_ptr, out_ptr, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    tl.store(out_ptr, tl.sum(tl.load(a_ptr + cols) * tl.load(b_ptr + cols), axis=0))
+
+POINTERS = dict(labels_ptr="*i64", labels_b_ptr="*i64", keep_ptr="*i1")
+FLOATS = ("thr_value", "lam_value", "label_smoothing")
+
+def ptx(kernel, num_warps, **constexprs):
+    sig = {name: "constexpr" if name in constexprs else POINTERS.get(name, "*fp32")
+           if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32"
+           for name in inspect.signature(kernel.fn).parameters}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(src, target=target, options=dict(num_warps=num_warps)).asm["ptx"]
+
+def uneven(code):
+    # A cross-thread add of a partner's shuffled value and this thread's own product, fused
+    # (fma) or not yet (mul: ptxas fuses it), which the partner adds rounded.
+    shuffled = set(re.findall(r"shfl\.sync\.\w+\.b32\s+(%r\d+)", code))
+    products = set(re.findall(r"\bmul(?:\.rn)?(?:\.ftz)?\.f32\s+(%r\d+)", code))
+    fmas = re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\s+%r\d+, %r\d+, %r\d+, (%r\d+);", code)
+    adds = re.findall(r"\badd(?:\.rn)?(?:\.ftz)?\.f32\s+%r\d+, (%r\d+), (%r\d+);", code)
+    return sum(c in shuffled for c in fmas) + sum(
+        bool({a, b} & shuffled and {a, b} & products) for a, b in adds)
+
+assert uneven(ptx(probe, 4, BLOCK=128)), "the check no longer sees tl.sum(a * b)'s hazard"
+flags = dict(HAS_B=True, THR_FROM_PTR=False, THR_PER_CLASS=True, LAM_FROM_PTR=False,
+             WRITE_GRAD=True)
+cases = [(mce._ce_loop_kernel, dict(BLOCK_C=4)), (mce._ce_loop_kernel, dict(BLOCK_C=16384))]
+cases += [(mce._ce_tile_kernel, dict(FUSED_REDUCE=True, MEAN=True, ROWS=r, BLOCK_C=c))
+          for r, c in ((4, 2), (64, 16), (256, 16), (1, 128), (32, 128))]
+for kernel, consts in cases:
+    warps = mce._num_warps(consts.get("ROWS", 1) * consts["BLOCK_C"])
+    assert not uneven(ptx(kernel, warps, **flags, **consts)), (kernel.__name__, consts)
+"""
+
+
+def test_threads_sharing_a_row_sum_it_alike(tmp_path):
+    """Compiled for an H200 (sm_90; no GPU needed), no reduction of the row kernels adds a
+    thread's own unrounded product to the partner's rounded one. tl.sum(t * z) did, so threads
+    holding one column each disagreed in the last bit of a loss; at a tie with the threshold
+    an H200 then wrote a kept gradient into two columns of a row stored as dropped
+    (test_per_class_thresholds[loop-mean]), which the interpreter, computing each sum once,
+    cannot show."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's kernels, not an install's
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    script = tmp_path / "ptx_check.py"  # @triton.jit needs its source in a file
+    script.write_text(_PTX_CHECK)
+    run = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kernel", ["tile-split", "loop"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tied_rows_dropped_with_their_gradient(monkeypatch, kernel, seed):
+    """Thresholds equal to losses (per class: the upper median of each class; 0-d: the
+    median loss) drop the tied rows ("below" is strict), and keep, the gradient and the loss
+    agree with one another row by row: keep is exactly per_sample < threshold, the gradient is
+    zero exactly on dropped rows, the loss is the kept mean. Self-consistency, not a reference:
+    the reference's losses may differ from ours in the last bit, which moves a tie. This broke
+    on an H200 (see test_threads_sharing_a_row_sum_it_alike)."""
+    logits, labels, kw = _launch_setup(monkeypatch, kernel, seed)
+    full = triton_masked_cross_entropy(logits, labels, math.inf, **kw).per_sample
+    per_class = torch.full((logits.shape[1],), math.inf, device=DEVICE)
+    for k in labels.unique():
+        losses = full[labels == k].sort().values
+        per_class[k] = losses[losses.numel() // 2]
+    for thr in (per_class, full.median()):
+        out, grad = _run(triton_masked_cross_entropy, logits, labels, thr, **kw)
+        row_thr = thr[labels] if thr.dim() else thr
+        assert torch.equal(out.per_sample, full)  # deterministic, so a tie stays a tie
+        assert torch.equal(out.keep, full < row_thr) and (full == row_thr).any()
+        assert 0 < out.keep.sum() < out.keep.numel()
+        assert not grad[~out.keep].any() and grad[out.keep].ne(0).any(1).all()
+        torch.testing.assert_close(out.loss, full[out.keep].mean(), **LOSS_TOL)
 
 
 @pytest.mark.parametrize("dtype,big", [(torch.float32, 1e4), (torch.bfloat16, 1e4),
