@@ -58,7 +58,7 @@ test: setup $(STAMP_OLD)
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
-# The GPU report (about 8 minutes). On a GPU machine with torch but no internet, skip the set-up:
+# The GPU report (one call of about 9 minutes). On a GPU machine with torch but no internet, skip the set-up:
 #   python3 scripts/gpu_report.py --out DIR        (nothing to install: it runs from the checkout)
 gpu-report: setup
 	$(BIN)/python scripts/gpu_report.py $(ARGS)

@@ -75,8 +75,8 @@ def _check_lines(check: dict) -> list[str]:
     lines = ["## Correctness on the device", "", "| check | ok | details |", "|---|:-:|---|"]
     for name, c in check.items():
         detail = c.get("error") or c.get("skipped") or ", ".join(
-            f"{k} {_fmt(v)}" for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k != "seconds")
+            f"{k} {_fmt(v)}" for k, v in c.items() if (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         and k != "seconds") or k in ("mode_ran", "function_modes"))
         if name == "kernel" and "cases" in c:
             worst = max((max(x["rel_err"].values()) for x in c["cases"]), default=None)
             detail = f"{len(c['cases'])} cases, worst relative error {_fmt(worst)}"
