@@ -31,9 +31,10 @@ PHASES = ("head", "full", "full+filter", "eval", "tta")
 INPUT_COPIES = {"head": 3, "full": 3, "full+filter": 3, "eval": 1, "tta": 2}  # per step, into static buffers
 
 
-@pytest.fixture(scope="module")
-def paper_model():
-    cfg = build_config("paper", {"model.pretrained": "false", "run.device": "cuda"})
+@pytest.fixture(scope="module", params=["paper", "authors"])
+def paper_model(request):
+    """The preset's model: `paper`, and `authors` (MixUp/CutMix, label smoothing: the mixing path)."""
+    cfg = build_config(request.param, {"model.pretrained": "false", "run.device": "cuda"})
     # Host constants for real first (RandAugment's tables read values; fake tensors have none).
     TrainAugment(cfg.augment, 32, 32, torch.device("cpu"))
     return cfg, build_model(cfg.model)  # built for real (timm's initialisers read values), faked below
@@ -81,7 +82,7 @@ def test_launches_per_step(benchmark, paper_model, phase):
                 call = lambda: engine._frozen_chunk(chunk, lambda: None)  # noqa: E731
         counted = count_launches(call, warmup=1).scaled(1 / steps)
     top = ", ".join(f"{k} {v:g}" for k, v in counted.ops.most_common(6))
-    benchmark.extra_info.update(phase=phase, model=cfg.model.name, batch=t.batch_size if steps or phase[0] != "e"
+    benchmark.extra_info.update(phase=phase, mixing=cfg.augment.mixup_alpha > 0, model=cfg.model.name, batch=t.batch_size if steps or phase[0] != "e"
                                 else t.test_batch_size, mode="eager (fake CUDA)", launches_per_step=counted.launches,
                                 syncs_per_step=counted.syncs, graphs_mode_launches_per_step=1 + INPUT_COPIES[phase],
                                 top_ops=top)
@@ -89,3 +90,4 @@ def test_launches_per_step(benchmark, paper_model, phase):
           f"(graphs: {1 + INPUT_COPIES[phase]})  top: {top}")
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # a count, not a time
     assert counted.syncs == 0  # nothing in a step reads a value back to the host
+    assert not counted.host_inputs  # nor copies one over: capture refuses copies from pageable memory

@@ -237,10 +237,16 @@ def sample_params(indices: Tensor, *, seed: int, epoch: int, cfg: AugmentConfig,
     return _params(indices, train_key(seed, epoch), cfg, height, width)
 
 
-def _params(indices: Tensor, key, cfg: AugmentConfig, height: int, width: int) -> AugmentParams:
-    """`sample_params` from the epoch's key (an int, or a 0-d int64 tensor on the indices' device)."""
-    k = cfg.randaugment_ops
-    bits = kr.keyed_bits(key, indices, _RA + 2 * k)
+def _words(cfg: AugmentConfig) -> int:
+    """Keyed 32-bit words per sample: crop, flip, erasing, noise start, and two per RandAugment op."""
+    return _RA + 2 * cfg.randaugment_ops
+
+
+def _params(indices: Tensor, key, cfg: AugmentConfig, height: int, width: int,
+            counters: Tensor | None = None) -> AugmentParams:
+    """`sample_params` from the epoch's key (an int, or a 0-d int64 tensor on the indices' device);
+    counters: `kr.weyl_counters(_words(cfg), device)` made beforehand, for a traced caller."""
+    bits = kr.keyed_bits(key, indices, _words(cfg), counters)
     offsets = kr.choice(bits[:, _CROP], 2 * cfg.crop_padding + 1)
     flip = bits[:, _FLIP] < (1 << 31) if cfg.flip else torch.zeros_like(indices, dtype=torch.bool)
     ops = kr.choice(bits[:, _RA::2], len(ra.OPS))
@@ -292,6 +298,7 @@ class TrainAugment:
         self.normalize_constants = _affine_constants(tuple(cfg.mean), tuple(cfg.std), width, True, device)
         self.strategy = "masked" if graph_safe else "auto"
         self.noise_length = _noise_len(height, width)
+        self.counters = kr.weyl_counters(_words(cfg), device)
         self.uses_noise = cfg.erasing_p > 0 and cfg.erasing_value == "random"
 
     def noise(self, seed: int, epoch: int, device: torch.device) -> Tensor | None:
@@ -306,7 +313,7 @@ class TrainAugment:
         """
         cfg, h, w = self.cfg, self.height, self.width
         n, k, pad, mag = len(images), cfg.randaugment_ops, cfg.crop_padding, cfg.randaugment_magnitude
-        p = _params(indices, key, cfg, h, w)
+        p = _params(indices, key, cfg, h, w, self.counters)
         # Crop, flip and the first op's warp are one gather (op 0, Identity, when there is no op).
         none = torch.zeros_like(p.flip)
         first_op, first_neg = (p.ops[:, 0], p.negative[:, 0]) if k else (none.long(), none)

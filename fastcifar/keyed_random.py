@@ -52,17 +52,26 @@ def stream_key(*words: int) -> int:
     return h
 
 
-def keyed_bits(key: int | torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+def weyl_counters(count: int, device: torch.device) -> torch.Tensor:
+    """(count,) int64: the per-word counter offsets of `keyed_bits`. Traced code gets them made
+    beforehand: `arange(...) * _WEYL` inside a compiled function becomes an index expression
+    (2654435769 * x0) that inductor's Triton code evaluates in int32, which fails to compile (the
+    H200, torch 2.11, 2026-12-04), where a tensor made outside is loaded as int64."""
+    return torch.arange(1, count + 1, dtype=torch.int64, device=device) * _WEYL
+
+
+def keyed_bits(key: int | torch.Tensor, indices: torch.Tensor, count: int,
+               counters: torch.Tensor | None = None) -> torch.Tensor:
     """Random 32-bit words, int64 (N, count), for the samples `indices` (N,) int64 in [0, 2**32).
 
     key: an int, or a 0-d int64 tensor (what a compiled or captured step passes, so the key can
-    change between epochs without a recompile)."""
-    h = _absorb(key, indices.to(torch.int64))
-    # A constant tensor, not arange(...) * _WEYL: inductor would fold that into an index
-    # expression (2654435769 * x0) that its Triton code evaluates in int32, which fails to compile
-    # (the H200, torch 2.11, 2026-12-04); a constant tensor is loaded as int64.
-    counters = torch.tensor([i * _WEYL for i in range(1, count + 1)], dtype=torch.int64, device=indices.device)
-    return mix32((h.unsqueeze(-1) + counters) & MASK32)
+    change between epochs without a recompile). counters: `weyl_counters(count, device)`, made
+    outside traced code (see there); None makes them here, which eager callers may do."""
+    h = _absorb(key, indices.to(torch.int64)).unsqueeze(-1)
+    if counters is None:
+        # One word needs no tensor (a Python int is a typed constant to inductor).
+        counters = _WEYL if count == 1 else weyl_counters(count, indices.device)
+    return mix32((h + counters) & MASK32)
 
 
 def choice(bits: torch.Tensor, n) -> torch.Tensor:

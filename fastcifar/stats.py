@@ -37,7 +37,9 @@ class EpochStats:
         seen = torch.full((), len(labels), dtype=torch.int64, device=labels.device)
         self.counts += torch.stack([keep.sum(), seen, correct, guard_bound.long(), torch.ones_like(seen), bad])
         self.kept[indices] = keep
-        self.seen[indices] = True
+        # index_fill_, not `seen[indices] = True`: that copies a host scalar tensor over, which a
+        # CUDA graph refuses while capturing (the H200, 2026-12-04: the head step fell back to compiled).
+        self.seen.index_fill_(0, indices, True)
 
     def reduce(self, dist: DistInfo, noisy: Tensor, known: Tensor, filtering: bool) -> dict:
         """Sum over processes and return plain numbers (the one host sync).

@@ -88,9 +88,10 @@ def test_keyed_bits_index_code_stays_in_int32():
     """The keyed hash through inductor (CPU code; its index expressions are the ones the Triton
     code gets): no index term beyond int32, and the same bits as eager."""
     key, indices = torch.tensor(train_key(1, 2)), torch.arange(10, 30)
-    code = inductor_code(lambda k, i: kr.keyed_bits(k, i, 9), key, indices)
+    counters = kr.weyl_counters(9, indices.device)  # made outside, as TrainAugment makes them
+    code = inductor_code(lambda k, i, c: kr.keyed_bits(k, i, 9, c), key, indices, counters)
     assert wide_index_constants(code) == []
-    torch.testing.assert_close(torch.compile(lambda k, i: kr.keyed_bits(k, i, 9))(key, indices),
+    torch.testing.assert_close(torch.compile(lambda k, i, c: kr.keyed_bits(k, i, 9, c))(key, indices, counters),
                                kr.keyed_bits(int(key), indices, 9), rtol=0, atol=0)
 
 

@@ -15,7 +15,10 @@ reaches the dispatcher is classified:
   host      - ops on CPU tensors only (a scalar on the host): no GPU launch;
   syncs     - `.item()`-like reads (`_local_scalar_dense`) and data-dependent shapes (`nonzero`):
               each is also a device-to-host sync; under fake tensors they answer 0 / the largest
-              shape, so control flow takes the common path.
+              shape, so control flow takes the common path;
+  host_inputs - ops on CUDA tensors that also take a host tensor (`x[i] = True` makes a CPU
+              scalar tensor and copies it over): a CUDA graph refuses the copy from pageable
+              memory while capturing (the H200 run of 2026-12-04 met one in the step's statistics).
 Backward runs through `python_backward` (autograd's C++ engine asks for a CUDA context, which a
 machine without a GPU lacks): each node's backward formula is called under the counter, in
 dependency order; a gradient that meets another costs one add; tensor hooks are not run.
@@ -57,10 +60,11 @@ class LaunchCount:
     free: Counter = field(default_factory=Counter)  # views / metadata ops seen, not counted
     host: Counter = field(default_factory=Counter)  # ops on host tensors only
     syncs: float = 0.0  # device-to-host reads
+    host_inputs: Counter = field(default_factory=Counter)  # CUDA ops given a host tensor: op name -> calls
 
     def scaled(self, factor: float) -> "LaunchCount":
         return LaunchCount(self.launches * factor, Counter({k: v * factor for k, v in self.ops.items()}),
-                           self.free, self.host, self.syncs * factor)
+                           self.free, self.host, self.syncs * factor, self.host_inputs)
 
 
 def foreach_launches(numels: list[int], depth: int) -> int:
@@ -115,6 +119,10 @@ class _Counter(TorchDispatchMode):
             self._add(key, self._launches(name, namespace, args, kwargs))
             return None
         out = func(*args, **kwargs)
+        inputs = list(_tensors((args, kwargs)))
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type == "cuda"
+                                                              for t in (*inputs, *_tensors(out))):
+            self.count.host_inputs[key] += 1
         if namespace == "prim" or name in _FREE or _is_view(func):
             self.count.free[key] += 1
         elif not any(t.device.type == "cuda" for t in _tensors((args, kwargs, out))):
