@@ -34,7 +34,7 @@ class ModelConfig:
     dropout: float = 0.5  # in the paper's head, before the linear layer
     channels_last: bool = True  # NHWC memory layout (faster convolutions on tensor cores)
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune (the last two: inductor's CUDA graphs)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune (these two: inductor's CUDA graphs) | max-autotune-no-cudagraphs (autotuned GEMMs inside our graphs)
     cuda_graphs: str = "auto"  # auto (on for one CUDA process, bf16/fp32) | on | off: each step as one CUDA graph
     amp: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
     small_map_dw: str = "off"  # on | off: 7x7 depthwise convolutions on maps <= 4x4 as exact small linear maps (issue 19; off until a GPU measurement shows it pays)

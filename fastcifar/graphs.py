@@ -42,7 +42,8 @@ class Mode:
 
     def describe(self) -> str:
         if self.name == "graphs":
-            return "graphs (each step one CUDA graph; compiled inside)"
+            inside = f" ({self.compile_mode})" if self.compile_mode else ""
+            return f"graphs (each step one CUDA graph; compiled{inside} inside)"
         if self.name == "compiled":
             extra = f", {self.compile_mode}" if self.compile_mode else ""
             return f"compiled (fullgraph, static shapes{extra}{': inductor CUDA graphs' if self.inductor_graphs else ''})"
@@ -84,8 +85,8 @@ def plan_modes(cfg: ModelConfig, device: torch.device, *, distributed: bool, sca
             raise ConfigError(f"model.cuda_graphs=on is not possible with {' and '.join(blockers)}")
         if blockers:
             notes.append(f"CUDA graphs off: {' and '.join(blockers)}")
-        else:
-            modes.insert(0, Mode("graphs"))
+        else:  # a compile mode without graphs of its own (max-autotune-no-cudagraphs) runs inside ours
+            modes.insert(0, Mode("graphs", default))
     return modes, notes
 
 

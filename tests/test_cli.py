@@ -167,6 +167,11 @@ def test_the_step_line_shows_the_mode_compile_resolved_to():
     assert [m.name for m in modes] == ["compiled", "eager"] and "DDP" in notes[0]
     reduce = build_config("paper", {"model.compile_mode": "reduce-overhead"}).model
     assert plan_modes(reduce, cuda, distributed=False, scaler=False)[0][0].inductor_graphs
+    # a compile mode that makes no graphs of its own (autotuned GEMMs) runs inside ours, and says so
+    tuned = build_config("paper", {"model.compile_mode": "max-autotune-no-cudagraphs"}).model
+    first = plan_modes(tuned, cuda, distributed=False, scaler=False)[0][0]
+    assert (first.name, first.compile_mode) == ("graphs", "max-autotune-no-cudagraphs")
+    assert "compiled (max-autotune-no-cudagraphs) inside" in first.describe()
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         plan_modes(build_config("smoke", {"model.cuda_graphs": "on"}).model, cpu, distributed=False, scaler=False)
 
