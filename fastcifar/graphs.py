@@ -6,7 +6,8 @@ Modes, best first:
                by hand rather than with torch.compile's "reduce-overhead" because that makes separate
                graphs for the forward, the backward and the optimizer with Python in between, and the
                step's small tensors (lr, thresholds, counters) would still be host work between them.
-               The functions inside are compiled (inductor's default mode) before capture.
+               The functions inside are compiled before capture (model.compile_mode when that mode
+               makes no CUDA graphs of its own, e.g. max-autotune-no-cudagraphs; else inductor's default).
     compiled   the same functions through torch.compile(fullgraph=True, dynamic=False); the rest of
                the step runs eagerly. A compile mode that turns on inductor's own CUDA graphs
                (reduce-overhead, max-autotune) runs here, with cudagraph_mark_step_begin per step.
@@ -240,7 +241,7 @@ class ModeLadder:
             return out
 
     def step_down(self, where: str, cause: BaseException) -> None:
-        modes = self._modes.setdefault(where, list(self.planned))
+        modes = self._modes[where]  # guard made it
         failed, nxt = modes[0], modes[1]
         text = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:300]
         self.fallbacks.append({"from": failed.name, "to": nxt.name, "where": where, "cause": text})

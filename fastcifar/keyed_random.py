@@ -68,6 +68,8 @@ def keyed_bits(key: int | torch.Tensor, indices: torch.Tensor, count: int,
     change between epochs without a recompile). counters: `weyl_counters(count, device)`, made
     outside traced code (see there); None makes them here, which eager callers may do."""
     h = _absorb(key, indices.to(torch.int64)).unsqueeze(-1)
+    if counters is not None and counters.shape != (count,):
+        raise ValueError(f"counters must have shape ({count},), got {tuple(counters.shape)}")
     if counters is None:
         # One word needs no tensor (a Python int is a typed constant to inductor).
         counters = _WEYL if count == 1 else weyl_counters(count, indices.device)

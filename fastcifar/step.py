@@ -7,9 +7,10 @@ Nothing in a step reads a value back to the host or depends on a Python number t
 the same step runs eagerly, compiled (no recompiles: static shapes, tensors for every changing
 value) or captured as one CUDA graph (`graphs`), whichever mode the ladder has settled on.
 
-Order inside a step matters for the fallback: forward, lr, backward, optimizer, then statistics
-and counters. A mode that fails while being built fails before the optimizer step has run, so
-the step can be run again in the next mode without counting anything twice.
+Why a fall-back never counts a step twice: compilation fails in the forward, before the optimizer
+step and the statistics have run; capture fails anywhere in the body (the H200 met one in the
+statistics), but capturing records the work without executing it. Either way the step runs again
+in the next mode as if for the first time.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def worker_part(name: str, argv: list[str], args, work: Path, cap: float) -> dic
 def run_one(part: Part, args, argv: list[str], work: Path, cap: float) -> dict:
     if part.name in ("check", "peer", "schedule", "baseline"):
         return worker_part(part.name, argv, args, work, cap)
-    if part.name == "steps":  # compiled: the full step only (the others cost a compile each, graphs show them)
+    if part.name == "steps":  # compiled: the full step's rows only (full, full+filter: one compile; graphs show the rest)
         return pytest_part(["benchmarks/test_bench_train.py"], args, work, cap, "steps", bench=True,
                            env={"FASTCIFAR_BENCH_ORDER": "graphs,compiled,eager"}, select="not compiled or full")
     if part.name == "candidates":

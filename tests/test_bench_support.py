@@ -83,7 +83,18 @@ def test_event_timing_on_the_cpu_uses_perf_counter():
     assert len(calls) == 7 and out["timer"] == "perf_counter" and len(out["rounds_ms"]) == 2 and out["ms"] >= 0
 
 
-def test_the_peer_trains_the_plain_model_one_step_per_call():
+@pytest.fixture
+def restore_backend_flags():
+    """The peer sets the trainer's global backend flags up; put back what the process had."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled())
+    yield
+    (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[:3]
+    torch.set_float32_matmul_precision(saved[3])
+    torch.use_deterministic_algorithms(saved[4])
+
+
+def test_the_peer_trains_the_plain_model_one_step_per_call(restore_backend_flags):
     """The peer's step, eager on the CPU (its compiled form is timed on a GPU): fused SGD moves the
     weights, and the timing says what it is."""
     from fastcifar.bench.peer import peer_step, time_peer
@@ -102,16 +113,17 @@ class _Engine:
     mode = "graphs"
 
     def __init__(self, modes=None, fallbacks=()):
-        if modes is not None:
-            self.function_modes = lambda: modes
-        self._fallbacks = list(fallbacks)
+        self._modes, self._fallbacks = dict(modes or {}), list(fallbacks)
+
+    def function_modes(self):
+        return self._modes
 
     def report(self):
         return {"mode_fallbacks": self._fallbacks}
 
 
 def test_rows_say_what_mode_each_function_ran_in():
-    before = _Engine()  # an Engine that cannot say per function: every one in engine.mode
+    before = _Engine()  # no function has run yet: each is in the planned mode
     assert function_modes(before, ["full step"]) == {"full step": "graphs"}
     after = _Engine({"frozen features": "compiled", "head step": "graphs", "full step": "graphs"},
                     [{"from": "graphs", "to": "compiled", "where": "frozen features", "cause": "InductorError: x"}])

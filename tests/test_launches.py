@@ -55,6 +55,19 @@ def test_foreach_launches_follow_multi_tensor_apply(numels, depth, launches):
     assert foreach_launches(numels, depth) == launches
 
 
+def test_host_tensors_given_to_cuda_ops_are_counted():
+    """`seen[i] = True` copies a host scalar tensor over (a CUDA graph refuses it while capturing);
+    index_fill_ and a device-side where() take the scalar as an argument: nothing to report."""
+    with fake_cuda():
+        seen = torch.zeros(10, dtype=torch.bool, device="cuda")
+        idx, keep = torch.arange(3, device="cuda"), torch.ones(3, dtype=torch.bool, device="cuda")
+        bad = count_launches(lambda: seen.__setitem__(idx, True))
+        good = count_launches(lambda: (seen.index_fill_(0, idx, True), seen.__setitem__(idx, keep),
+                                       torch.where(keep, idx, 0)))
+    assert dict(bad.host_inputs) == {"aten.index_put_": 1}
+    assert not good.host_inputs and good.launches == 4  # the fill, the put, where and its scalar on the device
+
+
 def test_views_are_free_and_host_ops_are_not_launches():
     with fake_cuda():
         x, w = torch.randn(16, 8, device="cuda"), torch.randn(4, 8, device="cuda")

@@ -48,10 +48,28 @@ def bool_bitcasts(graph: torch.fx.GraphModule) -> list[str]:
     return found
 
 
+def wide_arange_products(graph: torch.fx.GraphModule) -> list[str]:
+    """`arange(...) * c` with an integer c outside int32: inductor turns such a product into an
+    index expression, which its Triton code evaluates in int32."""
+    found = []
+    for node in graph.graph.nodes:
+        if node.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar):
+            ranged = any(isinstance(a, torch.fx.Node) and a.target in _ARANGES for a in node.args)
+            wide = [a for a in node.args if isinstance(a, int) and abs(a) > INT32_MAX]
+            if ranged and wide:
+                found.append(f"{node.name}: arange * {wide[0]}")
+    return found
+
+
+_ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
+
+
 @pytest.mark.compiled
 @pytest.mark.parametrize("erasing", ["zero", "random"])
-def test_the_augmentation_has_no_bool_bitcast(erasing):
-    """Every RandAugment op, crop, flip and erasing, traced as the step traces them (graph_safe)."""
+def test_the_augmentation_has_no_construct_inductor_2_11_cannot_lower(erasing):
+    """Every RandAugment op, crop, flip and erasing, traced as the step traces them (graph_safe):
+    no bool bit-cast, and no wide constant times an arange (the keyed hash's counters come in
+    made beforehand, TrainAugment.counters)."""
     cfg = AugmentConfig(erasing_value=erasing)
     plan = TrainAugment(cfg, 32, 32, torch.device("cpu"), graph_safe=True)
     g = torch.Generator().manual_seed(0)
@@ -60,12 +78,16 @@ def test_the_augmentation_has_no_bool_bitcast(erasing):
     graphs = aten_graphs(plan.__call__, images, torch.arange(8), key, plan.noise(0, 3, torch.device("cpu")))
     assert graphs and sum(len(g.graph.nodes) for g in graphs) > 100  # the whole pipeline was traced
     assert [hit for g in graphs for hit in bool_bitcasts(g)] == []
+    assert [hit for g in graphs for hit in wide_arange_products(g)] == []
 
 
-def test_the_bitcast_check_finds_a_bool_bitcast():
-    """The check above is not vacuous: the old solarize's construct is found."""
+@pytest.mark.compiled
+def test_the_graph_checks_find_what_they_look_for():
+    """The checks above are not vacuous: the old solarize's bit-cast and the old hash's counters."""
     graphs = aten_graphs(lambda x: x ^ (x >= 128).view(torch.uint8).mul(255), torch.arange(256, dtype=torch.uint8))
     assert len(bool_bitcasts(graphs[0])) == 1
+    graphs = aten_graphs(lambda i: i.unsqueeze(-1) + torch.arange(1, 4) * 0x9E3779B9, torch.arange(5))
+    assert wide_arange_products(graphs[0]) != []
 
 
 def wide_index_constants(code: str) -> list[str]:
@@ -106,6 +128,7 @@ def test_mixing_index_code_stays_in_int32():
     assert wide_index_constants(code) == []
 
 
+@pytest.mark.compiled
 def test_the_index_check_finds_a_wide_constant():
     """Not vacuous: the old hash's counters (arange * 0x9E3779B9) are found in inductor's code."""
     code = inductor_code(lambda i: (i.unsqueeze(-1) + torch.arange(1, 4) * 0x9E3779B9) & kr.MASK32,

@@ -3,8 +3,7 @@
 The Engine's functions are its steps: "frozen features" and "head step" (the frozen phase),
 "full step" (the phases that train the backbone) and "evaluation" (evaluation, TTA, scoring).
 Each climbs down the mode ladder on its own when a mode fails to build, so a phase's row says
-what its own functions ran in. Where the Engine cannot say per function (no `function_modes`),
-every function is taken to have run in `engine.mode`.
+what its own functions ran in (a function not called yet is in the Engine's planned mode).
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ PHASE_FUNCTIONS = {"head": ("frozen features", "head step"), "full": ("full step
 
 def function_modes(engine, names=None) -> dict[str, str]:
     """{function name: mode that ran} for `names` (default: every function that has run)."""
-    ask = getattr(engine, "function_modes", None)
-    ran = dict(ask()) if callable(ask) else {}
+    ran = engine.function_modes()
     if names is None:
-        return ran or {"every function": engine.mode}
+        return ran
     return {name: ran.get(name, engine.mode) for name in names}
 
 
